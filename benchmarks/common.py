@@ -1,0 +1,54 @@
+"""Helpers shared by the benchmark scripts: medians of repeated timings and peak memory of one call."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import statistics
+import threading
+import time
+from collections.abc import Callable
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * _PAGE
+
+
+def peak_memory_bytes(fn: Callable[[], object], interval_s: float = 0.0005) -> int:
+    """Peak growth of the resident set while ``fn()`` runs, sampled every ``interval_s`` seconds.
+
+    Freed heap is first returned to the OS (``malloc_trim``) so the baseline holds only live data; the
+    figure is therefore the extra memory one call needs (inputs and weights excluded).
+    """
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    baseline, peak, done = _rss_bytes(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(interval_s)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], _rss_bytes()) - baseline
+

@@ -1,0 +1,3 @@
+from .sasa import StandAloneSelfAttention
+
+__all__ = ["StandAloneSelfAttention"]

@@ -1,0 +1,33 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+version = {}
+exec((Path(__file__).parent / "monai_qsa" / "__init__.py").read_text(), version)
+
+setup(
+    name="monai_qsa",
+    version=version["__version__"],
+    description="Stand-alone self-attention networks for MONAI, quantised to int8 and measured for CPU deployment",
+    long_description=(Path(__file__).parent / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["monai_qsa", "monai_qsa.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "torch>=2.8",
+        "monai>=1.6,<1.7",
+        "pytorch-ignite>=0.5",
+        "nibabel>=5.2",
+        "SimpleITK>=2.3",
+        "codecarbon>=2.8",
+        "torchao>=0.14",
+        "fire",
+        "jsonschema",
+        "tensorboard",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest>=8"]},
+    entry_points={"console_scripts": ["monai-qsa=monai_qsa.__main__:main"]},
+    license="Apache-2.0",
+)
