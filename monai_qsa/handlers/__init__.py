@@ -1,0 +1,3 @@
+from .energy import EnergyHandler
+
+__all__ = ["EnergyHandler"]
