@@ -1,22 +1,64 @@
-"""torch.compile settings for running SA networks on CPUs."""
+"""torch.compile settings for running SA networks (fp32 or int8) on CPUs."""
 
 from __future__ import annotations
 
-from torch import nn
+import os
+import shutil
+import warnings
+
 import torch
+from torch import nn
 
-__all__ = ["compile_for_cpu", "CPU_COMPILE_OPTIONS"]
+__all__ = ["compile_for_cpu", "CPU_COMPILE_OPTIONS", "CompiledForCPU", "has_cpp_compiler"]
 
-# Inductor's layout optimisation turns convolution outputs channels-last, which makes the attention
-# kernels read each head's channels with a large stride and vectorise badly (about 2x slower on AVX2).
+# Inductor's layout optimisation turns convolution outputs channels-last, which makes the attention kernels
+# read each head's channels with a large stride and vectorise badly (about 2x slower on AVX2).
 CPU_COMPILE_OPTIONS = {"layout_optimization": False}
 
 
-def compile_for_cpu(module: nn.Module, dynamic: bool | None = None) -> nn.Module:
-    """Compile ``module`` with Inductor using :data:`CPU_COMPILE_OPTIONS`.
+def has_cpp_compiler() -> bool:
+    """Whether Inductor's CPU backend can find a C++ compiler."""
+    return any(shutil.which(name) for name in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if name)
+
+
+class CompiledForCPU(nn.Module):
+    """A module compiled by Inductor with :data:`CPU_COMPILE_OPTIONS` in force whenever it (re)compiles.
+
+    The options are applied as an Inductor config patch around each call rather than through
+    ``torch.compile(options=...)``, because freezing, which int8 graphs need, only takes effect that way.
+
+    Args:
+        module: the module to compile; kept as ``self.module``.
+        dynamic: passed to ``torch.compile``.
+        freezing: constant-fold the weights of inference (no_grad) graphs. Needed to prepack PT2E int8
+            weights for oneDNN; it slows fp32 SA networks (it re-enables blocked convolution layouts).
+    """
+
+    def __init__(self, module: nn.Module, dynamic: bool | None = None, freezing: bool = False) -> None:
+        super().__init__()
+        self.module = module
+        self.options = CPU_COMPILE_OPTIONS | {"freezing": freezing}
+        self._compiled = torch.compile(module, dynamic=dynamic)
+
+    def forward(self, *args, **kwargs):
+        with torch._inductor.config.patch(self.options):
+            return self._compiled(*args, **kwargs)
+
+
+def compile_for_cpu(module: nn.Module, dynamic: bool | None = None, freezing: bool = False) -> nn.Module:
+    """Compile ``module`` for CPU inference, or return it unchanged (with one warning) when no C++ compiler exists.
 
     Args:
         module: an fp32 network, or an int8 module from :func:`monai_qsa.quantization.quantize_ptq`.
         dynamic: passed to ``torch.compile``; ``None`` lets it decide after seeing a second shape.
+        freezing: see :class:`CompiledForCPU`; True for int8 PT2E models.
     """
-    return torch.compile(module, dynamic=dynamic, options=CPU_COMPILE_OPTIONS)
+    if not has_cpp_compiler():
+        warnings.warn(
+            "no C++ compiler found (set CXX or install g++): torch.compile is skipped and the model runs eagerly, "
+            "which is slower, in particular for int8 models.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return module
+    return CompiledForCPU(module, dynamic=dynamic, freezing=freezing)

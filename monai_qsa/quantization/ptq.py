@@ -1,0 +1,176 @@
+"""Static post-training int8 quantisation of SA networks and MONAI CNNs, calibrated on real batches."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import itertools
+import warnings
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+__all__ = ["BACKENDS", "quantize_ptq", "calibration_tensors"]
+
+#: ``x86_inductor``: PT2E (torch.export + torchao X86InductorQuantizer), run through torch.compile;
+#: ``x86_eager``: torch.ao eager-mode static quantisation, no compiler needed.
+BACKENDS = ("x86_inductor", "x86_eager")
+
+
+def calibration_tensors(calibration_data: Iterable, num_batches: int | None = None, image_key: str = "image") -> Iterator[torch.Tensor]:
+    """Input tensors from an iterable of tensors, of ``(input, target)`` tuples, or of MONAI dict batches."""
+    for batch in itertools.islice(calibration_data, num_batches):
+        if isinstance(batch, dict):
+            if image_key not in batch:
+                raise ValueError(f"calibration batch has no '{image_key}' key (keys: {sorted(batch)}); set image_key.")
+            batch = batch[image_key]
+        elif isinstance(batch, (list, tuple)):
+            batch = batch[0]
+        if not isinstance(batch, torch.Tensor):
+            raise ValueError(f"calibration data must yield tensors or dict batches, got {type(batch).__name__}.")
+        yield batch.as_tensor() if hasattr(batch, "as_tensor") else batch
+
+
+@contextlib.contextmanager
+def quiet_ao_deprecations() -> Iterator[None]:
+    """Hide torch.ao's deprecation notices for eager quantisation (errors still propagate)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*")
+        yield
+
+
+def _calibrate(model: nn.Module, batches: Iterator[torch.Tensor]) -> None:
+    seen = 0
+    with torch.no_grad():
+        for batch in batches:
+            model(batch)
+            seen += 1
+    if seen == 0:
+        raise ValueError("calibration_data yielded no batches: static quantisation needs real inputs to calibrate on.")
+
+
+def _input_dynamic_shapes(example_inputs: tuple) -> tuple:
+    """Every dimension but channels of each image input may vary (batch size, image size)."""
+    auto = torch.export.Dim.AUTO
+    return tuple({d: auto for d in range(x.ndim) if d != 1} if isinstance(x, torch.Tensor) and x.ndim > 2 else None for x in example_inputs)
+
+
+def export_for_quantization(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
+    """``torch.export`` with batch and spatial sizes left dynamic; a clear error when the model cannot be exported."""
+    try:
+        return torch.export.export(model, example_inputs, dynamic_shapes=_input_dynamic_shapes(example_inputs))
+    except Exception as error:
+        raise ValueError(
+            f"{type(model).__name__} cannot be captured by torch.export, which the x86_inductor backend needs: "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. Use backend='x86_eager'."
+        ) from error
+
+
+def _quantize_pt2e(model: nn.Module, batches: Iterator[torch.Tensor], example_inputs: tuple) -> nn.Module:
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
+        X86InductorQuantizer,
+        get_default_x86_inductor_quantization_config,
+    )
+
+    # the default config quantises conv/linear weights per channel; attention math is left in fp32
+    quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The input of maxpool")  # maxpool after an fp32 op stays fp32
+        prepared = prepare_pt2e(export_for_quantization(model, example_inputs).module(), quantizer)
+    _calibrate(prepared, batches)
+    return convert_pt2e(prepared)
+
+
+def _fold_batch_norms(model: nn.Module) -> None:
+    """Fold each BatchNorm that directly follows a convolution in a ``Sequential`` (MONAI ``Convolution`` blocks
+    keep it in ``adn.N``) into that convolution."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    convs = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    for module in model.modules():
+        conv, adn = getattr(module, "conv", None), getattr(module, "adn", None)
+        if isinstance(conv, convs) and adn is not None and isinstance(getattr(adn, "N", None), norms):
+            module.conv, adn.N = fuse_conv_bn_eval(conv, adn.N), nn.Identity()
+        if isinstance(module, nn.Sequential):
+            names = list(module._modules)
+            for first, second in zip(names, names[1:]):
+                if isinstance(module._modules[first], convs) and isinstance(module._modules[second], norms):
+                    module._modules[first] = fuse_conv_bn_eval(module._modules[first], module._modules[second])
+                    module._modules[second] = nn.Identity()
+
+
+def _wrap_quantizable(model: nn.Module, qconfig) -> None:
+    """Put every convolution and linear layer between a QuantStub and a DeQuantStub: int8 islands in an fp32 model,
+    so attention, normalisation and residual additions stay fp32 without rewriting the network."""
+    from torch.ao.quantization import QuantWrapper
+
+    quantizable = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) in quantizable:
+                wrapper = QuantWrapper(child)
+                wrapper.qconfig = qconfig
+                setattr(parent, name, wrapper)
+
+
+def _quantize_eager(model: nn.Module, batches: Iterator[torch.Tensor]) -> nn.Module:
+    from torch.ao.quantization import convert, get_default_qconfig, prepare
+
+    if "x86" not in torch.backends.quantized.supported_engines:
+        raise RuntimeError(f"the x86 quantized engine is not available (supported: {torch.backends.quantized.supported_engines}).")
+    torch.backends.quantized.engine = "x86"
+    with quiet_ao_deprecations():
+        _fold_batch_norms(model)
+        _wrap_quantizable(model, get_default_qconfig("x86"))
+        prepare(model, inplace=True)
+        _calibrate(model, batches)
+        convert(model, inplace=True)
+    return model
+
+
+def quantize_ptq(
+    model: nn.Module,
+    calibration_data: Iterable,
+    example_inputs: torch.Tensor | tuple,
+    backend: str = "x86_inductor",
+    num_batches: int | None = None,
+    image_key: str = "image",
+) -> nn.Module:
+    """
+    Static post-training int8 quantisation, calibrated on real batches. Convolutions (the SASA query/key/value
+    projections included) and linear layers become int8 with per-channel weights; attention logits, softmax and
+    the weighted sum stay fp32. ``model`` itself is left unchanged.
+
+    Args:
+        model: trained fp32 network (SAResNet, SAUNet, or a MONAI CNN such as BasicUNet, UNet, resnet18).
+        calibration_data: iterable of input tensors, ``(input, target)`` pairs or MONAI dict batches
+            (e.g. the validation ``DataLoader``).
+        example_inputs: one input tensor or a tuple of positional inputs, used to capture the graph.
+        backend: ``"x86_inductor"`` (PT2E through torchao, then run it through
+            :func:`monai_qsa.utils.compile.compile_for_cpu` with ``freezing=True`` for speed) or ``"x86_eager"``
+            (torch.ao eager quantisation, needs no compiler).
+        num_batches: calibrate on at most this many batches (all by default).
+        image_key: key of the input in dict batches.
+
+    Returns:
+        the int8 model (an ``fx.GraphModule`` for ``x86_inductor``, the rewritten module for ``x86_eager``).
+
+    Raises:
+        ValueError: unknown backend, no calibration batch, or a model torch.export cannot capture.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    model = copy.deepcopy(model).eval()
+    batches = calibration_tensors(calibration_data, num_batches, image_key)
+    if backend == "x86_inductor":
+        qmodel = _quantize_pt2e(model, batches, example_inputs)
+    else:
+        qmodel = _quantize_eager(model, batches)
+    qmodel.monai_qsa_backend = backend
+    return qmodel

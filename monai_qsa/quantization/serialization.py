@@ -1,0 +1,83 @@
+"""One-file int8 artifacts: a torch.export program plus the metadata needed to run it; no arbitrary pickles."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import monai_qsa
+from monai_qsa.quantization.ptq import export_for_quantization, quiet_ao_deprecations
+
+__all__ = ["save_quantized", "load_quantized", "METADATA_FILE"]
+
+METADATA_FILE = "monai_qsa.json"
+
+
+def save_quantized(path: str | os.PathLike, qmodel: nn.Module, example_inputs: torch.Tensor | tuple, metadata: dict | None = None) -> Path:
+    """Save an int8 model from :func:`monai_qsa.quantization.quantize_ptq` as one ``torch.export`` file.
+
+    Only the tensors the converted graph uses are stored (int8 weights, fp32 biases and attention embeddings);
+    batch and spatial sizes stay dynamic. The file is written to a temporary name and renamed, so a failure
+    never leaves a truncated artifact.
+
+    Args:
+        path: destination file (``.pt2`` by convention).
+        qmodel: the int8 model.
+        example_inputs: an input tensor or tuple of inputs the model accepts.
+        metadata: extra JSON-serialisable entries (e.g. metric, labels); stored with the backend, input spec,
+            and monai_qsa and torch versions.
+    """
+    path = Path(path)
+    example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
+    backend = getattr(qmodel, "monai_qsa_backend", "x86_inductor")
+    info = {
+        "backend": backend,
+        "inputs": [{"shape": list(x.shape), "dtype": str(x.dtype)} for x in example_inputs],
+        "monai_qsa_version": monai_qsa.__version__,
+        "torch_version": torch.__version__,
+        **(metadata or {}),
+    }
+    with quiet_ao_deprecations():
+        program = export_for_quantization(qmodel, example_inputs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        torch.export.save(program, partial, extra_files={METADATA_FILE: json.dumps(info)})
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def load_quantized(path: str | os.PathLike) -> nn.Module:
+    """Load an int8 model written by :func:`save_quantized`, in any process.
+
+    Returns:
+        an ``nn.Module`` usable as ``network`` in MONAI inferers; its ``monai_qsa_metadata`` attribute holds the
+        stored metadata. Compile it with ``compile_for_cpu(model, freezing=True)`` for speed.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: ``path`` is not a readable monai_qsa int8 artifact.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"int8 model file {path} does not exist.")
+    extra = {METADATA_FILE: ""}
+    try:
+        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401  registers int8 lowering passes
+
+        program = torch.export.load(path, extra_files=extra)
+        metadata = json.loads(extra[METADATA_FILE]) if extra[METADATA_FILE] else None
+    except Exception as error:
+        raise ValueError(f"{path} is not a readable monai_qsa int8 model: {type(error).__name__}: {error}") from error
+    if metadata is None:
+        raise ValueError(f"{path} is a torch.export file but carries no {METADATA_FILE}: not written by save_quantized.")
+    module = program.module()
+    module.monai_qsa_metadata = metadata
+    module.monai_qsa_backend = metadata["backend"]
+    return module
