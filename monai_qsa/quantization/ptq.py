@@ -82,7 +82,19 @@ def _quantize_pt2e(model: nn.Module, batches: Iterator[torch.Tensor], example_in
         warnings.filterwarnings("ignore", message="The input of maxpool")  # maxpool after an fp32 op stays fp32
         prepared = prepare_pt2e(export_for_quantization(model, example_inputs).module(), quantizer)
     _calibrate(prepared, batches)
-    return convert_pt2e(prepared)
+    converted = convert_pt2e(prepared)
+    _drop_unused_tensors(converted)
+    return converted
+
+
+def _drop_unused_tensors(graph_module: torch.fx.GraphModule) -> None:
+    """Delete the parameters and buffers the converted graph no longer reads (the fp32 originals of the int8
+    weights), so they are neither kept in memory nor saved with the artifact."""
+    used = {node.target for node in graph_module.graph.nodes if node.op == "get_attr"}
+    for name, _ in list(itertools.chain(graph_module.named_parameters(), graph_module.named_buffers())):
+        if name not in used:
+            owner_name, _, attr = name.rpartition(".")
+            delattr(graph_module.get_submodule(owner_name) if owner_name else graph_module, attr)
 
 
 def _fold_batch_norms(model: nn.Module) -> None:

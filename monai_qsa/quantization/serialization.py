@@ -1,9 +1,15 @@
-"""One-file int8 artifacts: a torch.export program plus the metadata needed to run it; no arbitrary pickles."""
+"""One-file int8 artifacts: a torch.export program plus the metadata needed to run it; no arbitrary pickles.
+
+The file is a zip archive holding ``program.pt2`` (``torch.export.save`` output, deflated: its graph description
+is most of its size for small networks and compresses about 20x) and ``monai_qsa.json``.
+"""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import zipfile
 from pathlib import Path
 
 import torch
@@ -12,9 +18,10 @@ from torch import nn
 import monai_qsa
 from monai_qsa.quantization.ptq import export_for_quantization, quiet_ao_deprecations
 
-__all__ = ["save_quantized", "load_quantized", "METADATA_FILE"]
+__all__ = ["save_quantized", "load_quantized", "METADATA_FILE", "PROGRAM_FILE"]
 
 METADATA_FILE = "monai_qsa.json"
+PROGRAM_FILE = "program.pt2"
 
 
 def save_quantized(path: str | os.PathLike, qmodel: nn.Module, example_inputs: torch.Tensor | tuple, metadata: dict | None = None) -> Path:
@@ -34,6 +41,11 @@ def save_quantized(path: str | os.PathLike, qmodel: nn.Module, example_inputs: t
     path = Path(path)
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     backend = getattr(qmodel, "monai_qsa_backend", "x86_inductor")
+    if backend != "x86_inductor":
+        raise NotImplementedError(
+            f"save_quantized stores torch.export programs; {backend} models hold torch.ao packed weights that "
+            "torch.export cannot capture. Quantise with backend='x86_inductor' to get a deployable file."
+        )
     info = {
         "backend": backend,
         "inputs": [{"shape": list(x.shape), "dtype": str(x.dtype)} for x in example_inputs],
@@ -45,8 +57,12 @@ def save_quantized(path: str | os.PathLike, qmodel: nn.Module, example_inputs: t
         program = export_for_quantization(qmodel, example_inputs)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
     try:
-        torch.export.save(program, partial, extra_files={METADATA_FILE: json.dumps(info)})
+        with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr(PROGRAM_FILE, buffer.getvalue())
+            archive.writestr(METADATA_FILE, json.dumps(info, indent=2))
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
@@ -67,16 +83,18 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"int8 model file {path} does not exist.")
-    extra = {METADATA_FILE: ""}
     try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            if not {PROGRAM_FILE, METADATA_FILE} <= names:
+                raise ValueError(f"it lacks {PROGRAM_FILE} or {METADATA_FILE} (holds {sorted(names)[:5]})")
+            metadata = json.loads(archive.read(METADATA_FILE))
+            program_bytes = archive.read(PROGRAM_FILE)
         import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401  registers int8 lowering passes
 
-        program = torch.export.load(path, extra_files=extra)
-        metadata = json.loads(extra[METADATA_FILE]) if extra[METADATA_FILE] else None
+        program = torch.export.load(io.BytesIO(program_bytes))
     except Exception as error:
         raise ValueError(f"{path} is not a readable monai_qsa int8 model: {type(error).__name__}: {error}") from error
-    if metadata is None:
-        raise ValueError(f"{path} is a torch.export file but carries no {METADATA_FILE}: not written by save_quantized.")
     module = program.module()
     module.monai_qsa_metadata = metadata
     module.monai_qsa_backend = metadata["backend"]

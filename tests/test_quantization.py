@@ -1,0 +1,131 @@
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from monai.networks.nets import BasicUNet
+
+from monai_qsa.networks import SAResNet, SAUNet
+from monai_qsa.quantization import load_quantized, quantize_ptq, save_quantized
+
+
+def _trained_saunet(dims: int = 2) -> tuple[SAUNet, list[dict]]:
+    """A tiny SAUNet trained for a few steps to segment bright squares, and dict batches like a MONAI loader's."""
+    torch.manual_seed(0)
+    net = SAUNet(dims, 1, 2, features=(8, 16), num_heads=2, kernel_size=3)
+    batches = []
+    for _ in range(6):
+        label = torch.zeros((4, 1) + (16,) * dims)
+        label[(slice(None), slice(None)) + (slice(4, 11),) * dims] = 1
+        batches.append({"image": label + 0.2 * torch.randn_like(label), "label": label})
+    optimizer = torch.optim.Adam(net.parameters(), 1e-2)
+    for batch in batches * 10:
+        loss = torch.nn.functional.cross_entropy(net(batch["image"]), batch["label"][:, 0].long())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return net.eval(), batches
+
+
+def _dice(logits: torch.Tensor, label: torch.Tensor) -> float:
+    pred = logits.argmax(1, keepdim=True).float()
+    return float(2 * (pred * label).sum() / (pred.sum() + label.sum()))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return _trained_saunet()
+
+
+@pytest.mark.parametrize("backend", ["x86_inductor", "x86_eager"])
+def test_int8_metric_close_to_fp32(trained, backend):
+    net, batches = trained
+    qmodel = quantize_ptq(net, batches[:3], batches[0]["image"], backend=backend)
+    held_out = batches[3:]
+    with torch.no_grad():
+        fp32 = sum(_dice(net(b["image"]), b["label"]) for b in held_out) / len(held_out)
+        int8 = sum(_dice(qmodel(b["image"]), b["label"]) for b in held_out) / len(held_out)
+        # batch size and image size may differ from the example input
+        assert qmodel(torch.randn(1, 1, 20, 24)).shape == (1, 2, 20, 24)
+    assert fp32 > 0.8
+    assert abs(fp32 - int8) <= 0.01
+    assert next(iter(net.parameters())).dtype == torch.float32  # the fp32 model is left as it was
+
+
+def test_int8_convolutions_attention_fp32(trained):
+    net, batches = trained
+    eager = quantize_ptq(net, batches[:2], batches[0]["image"], backend="x86_eager")
+    qkv = eager.encoder[0][0].attn.qkv
+    assert "quantized" in type(qkv.module).__module__ and qkv.module.weight().dtype == torch.qint8
+    assert eager.encoder[0][0].attn.rel_pos[0].dtype == torch.float32
+    pt2e = quantize_ptq(net, batches[:2], batches[0]["image"])
+    targets = [str(n.target) for n in pt2e.graph.nodes if n.op == "call_function"]
+    assert sum("dequantize_per_channel" in t for t in targets) >= 8  # stem, 6 qkv projections, head
+    assert any("softmax" in t for t in targets)
+    # no fp32 copy of a quantized weight survives conversion
+    assert not [name for name, _ in pt2e.named_parameters() if name.endswith("qkv.weight")]
+
+
+def test_saved_artifact_loads_in_fresh_process(trained, tmp_path):
+    net, batches = trained
+    qmodel = quantize_ptq(net, batches[:2], batches[0]["image"])
+    path = save_quantized(tmp_path / "model_int8.pt2", qmodel, batches[0]["image"], metadata={"labels": ["bg", "fg"]})
+    x = batches[4]["image"]
+    torch.save(x, tmp_path / "x.pt")
+    with torch.no_grad():
+        expected = qmodel(x)
+    script = textwrap.dedent(
+        f"""
+        import torch
+        from monai_qsa.quantization import load_quantized
+        model = load_quantized({str(path)!r})
+        assert model.monai_qsa_metadata["labels"] == ["bg", "fg"], model.monai_qsa_metadata
+        assert model.monai_qsa_metadata["backend"] == "x86_inductor"
+        with torch.no_grad():
+            torch.save(model(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})
+        """
+    )
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected)
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_monai_cnn_and_classifier_quantize():
+    cnn = BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 16, 4)).eval()
+    x = torch.randn(2, 1, 32, 32)
+    q = quantize_ptq(cnn, [x, torch.randn_like(x)], x, backend="x86_eager")
+    with torch.no_grad():
+        relative_error = (q(x) - cnn(x)).norm() / cnn(x).norm()
+    assert relative_error < 0.2  # untrained random weights: a sanity bound; garbage would be ~1
+    assert sum("quantized" in type(m).__module__ for m in q.modules()) >= 10
+    cls = SAResNet(3, 1, 3, layers=(1, 1), block_inplanes=(6, 12), num_heads=2, kernel_size=3).eval()
+    v = torch.randn(2, 1, 16, 16, 16)
+    q = quantize_ptq(cls, [v, v], v, backend="x86_eager")
+    assert q(v).shape == (2, 3)
+
+
+def test_errors(tmp_path, trained):
+    net, batches = trained
+    with pytest.raises(ValueError, match="no batches"):
+        quantize_ptq(net, [], batches[0]["image"], backend="x86_eager")
+    with pytest.raises(ValueError, match="backend"):
+        quantize_ptq(net, batches, batches[0]["image"], backend="fbgemm_magic")
+    with pytest.raises(ValueError, match="'img'"):
+        quantize_ptq(net, batches, batches[0]["image"], backend="x86_eager", image_key="img")
+
+    class Unexportable(torch.nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum().item() > 0 else x  # data-dependent Python control flow
+
+    with pytest.raises(ValueError, match="torch.export"):
+        quantize_ptq(Unexportable(), [torch.randn(1, 1, 4, 4)], torch.randn(1, 1, 4, 4))
+    with pytest.raises(FileNotFoundError, match="missing.pt2"):
+        load_quantized(tmp_path / "missing.pt2")
+    corrupt = tmp_path / "corrupt.pt2"
+    corrupt.write_bytes(b"not a zip at all")
+    with pytest.raises(ValueError, match="corrupt.pt2"):
+        load_quantized(corrupt)
+    eager = quantize_ptq(net, batches[:1], batches[0]["image"], backend="x86_eager")
+    with pytest.raises(NotImplementedError, match="x86_eager"):
+        save_quantized(tmp_path / "eager.pt2", eager, batches[0]["image"])
