@@ -34,11 +34,10 @@ def calibration_tensors(calibration_data: Iterable, num_batches: int | None = No
 
 @contextlib.contextmanager
 def quiet_ao_deprecations() -> Iterator[None]:
-    """Hide torch.ao's deprecation notices for eager quantisation (errors still propagate)."""
+    """Hide torch.ao's deprecation notices for eager quantisation; other warnings and all errors still surface."""
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*")
+        warnings.filterwarnings("ignore", module=r"torch\.ao(\..*)?")
+        warnings.filterwarnings("ignore", message=r".*(torch\.ao\.quantization|quantized tensor creation|reduce_range).*")
         yield
 
 

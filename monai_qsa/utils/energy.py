@@ -11,7 +11,7 @@ import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 __all__ = ["EnergyReading", "EnergyMeter", "measure_energy", "DEFAULT_COUNTRY_ISO_CODE"]
 
@@ -129,10 +129,6 @@ class EnergyMeter:
         self._running = False
         self.method = "unavailable"
 
-    @property
-    def available(self) -> bool:
-        return not self._failed
-
     def _fail(self, action: str, error: BaseException) -> None:
         if not self._failed:
             logger.warning("energy measurement disabled: CodeCarbon failed to %s (%s: %s)", action, type(error).__name__, error)
@@ -201,7 +197,7 @@ class EnergyMeasurement:
     """Filled in when the ``measure_energy`` block ends; ``reading`` stays None if measurement failed."""
 
     samples: int = 0
-    reading: EnergyReading | None = field(default=None)
+    reading: EnergyReading | None = None
 
 
 @contextmanager
