@@ -1,9 +1,10 @@
+import re
 from pathlib import Path
 
 from setuptools import find_packages, setup
 
-version = {}
-exec((Path(__file__).parent / "monai_qsa" / "__init__.py").read_text(), version)
+# read, not import: importing monai_qsa needs its dependencies installed
+version = {"__version__": re.search(r'__version__ = "([^"]+)"', (Path(__file__).parent / "monai_qsa" / "__init__.py").read_text())[1]}
 
 setup(
     name="monai_qsa",
@@ -19,6 +20,7 @@ setup(
         "pytorch-ignite>=0.5",
         "nibabel>=5.2",
         "SimpleITK>=2.3",
+        "itk>=5.3",
         "codecarbon>=2.8",
         "torchao>=0.14",
         "fire",

@@ -4,24 +4,15 @@ from __future__ import annotations
 
 import ctypes
 import os
-import statistics
 import threading
 import time
 from collections.abc import Callable
 
+from monai_qsa.utils.timing import median_seconds
+
+__all__ = ["median_seconds", "peak_memory_bytes"]
+
 _PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def _rss_bytes() -> int:

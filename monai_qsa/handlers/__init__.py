@@ -1,3 +1,4 @@
 from .energy import EnergyHandler
+from .quantization import PostTrainingQuantizationHandler
 
-__all__ = ["EnergyHandler"]
+__all__ = ["EnergyHandler", "PostTrainingQuantizationHandler"]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import fcntl
-import io
 import logging
 import os
 import time
@@ -15,6 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
+from monai_qsa.utils.csv_rows import append_csv_row
 from monai_qsa.utils.energy import DEFAULT_COUNTRY_ISO_CODE, EnergyMeter, EnergyReading
 
 if TYPE_CHECKING:
@@ -192,22 +191,3 @@ class EnergyHandler:
             "method": reading.method,
         }
         append_csv_row(self.csv_path, row, CSV_COLUMNS)
-
-
-def append_csv_row(path: Path, row: dict, columns: tuple[str, ...]) -> None:
-    """Append one row to a CSV under an exclusive lock, writing the header first if the file is new or empty.
-    The row goes out in a single ``write`` so concurrent writers (e.g. distributed ranks) never interleave."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns)
-    with open(path, "a", newline="") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            if f.tell() == 0:
-                writer.writeheader()
-            writer.writerow(row)
-            f.write(buffer.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import operator
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
-__all__ = ["BACKENDS", "quantize_ptq", "calibration_tensors"]
+__all__ = ["BACKENDS", "quantize_ptq", "calibration_tensors", "InferenceGraph"]
 
 #: ``x86_inductor``: PT2E (torch.export + torchao X86InductorQuantizer), run through torch.compile;
 #: ``x86_eager``: torch.ao eager-mode static quantisation, no compiler needed.
@@ -41,24 +42,30 @@ def quiet_ao_deprecations() -> Iterator[None]:
         yield
 
 
-def _calibrate(model: nn.Module, batches: Iterator[torch.Tensor]) -> None:
+def _calibrate(model: nn.Module, batches: Iterator[torch.Tensor], inferer: Callable | None) -> None:
     seen = 0
     with torch.no_grad():
         for batch in batches:
-            model(batch)
+            inferer(batch, model) if inferer is not None else model(batch)
             seen += 1
     if seen == 0:
         raise ValueError("calibration_data yielded no batches: static quantisation needs real inputs to calibrate on.")
 
 
+def _is_image(x) -> bool:
+    return isinstance(x, torch.Tensor) and x.ndim > 2
+
+
 def _input_dynamic_shapes(example_inputs: tuple) -> tuple:
     """Every dimension but channels of each image input may vary (batch size, image size)."""
     auto = torch.export.Dim.AUTO
-    return tuple({d: auto for d in range(x.ndim) if d != 1} if isinstance(x, torch.Tensor) and x.ndim > 2 else None for x in example_inputs)
+    return tuple({d: auto for d in range(x.ndim) if d != 1} if _is_image(x) else None for x in example_inputs)
 
 
 def export_for_quantization(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
     """``torch.export`` with batch and spatial sizes left dynamic; a clear error when the model cannot be exported."""
+    # torch.export specialises dimensions of size 1, so a batch of one would fix the batch size: export on two
+    example_inputs = tuple(x.repeat(2, *[1] * (x.ndim - 1)) if _is_image(x) and x.shape[0] == 1 else x for x in example_inputs)
     try:
         return torch.export.export(model, example_inputs, dynamic_shapes=_input_dynamic_shapes(example_inputs))
     except Exception as error:
@@ -68,7 +75,58 @@ def export_for_quantization(model: nn.Module, example_inputs: tuple) -> torch.ex
         ) from error
 
 
-def _quantize_pt2e(model: nn.Module, batches: Iterator[torch.Tensor], example_inputs: tuple) -> nn.Module:
+class InferenceGraph(nn.Module):
+    """An int8 graph captured by ``torch.export``, as an inference-only module.
+
+    Exported graphs are fixed in inference mode and refuse ``train()``/``eval()``, which MONAI engines call
+    (``SupervisedEvaluator`` runs its network under ``eval_mode``); here both only set the ``training`` flag.
+
+    Args:
+        program: the graph module (``convert_pt2e`` output, or ``ExportedProgram.module()``).
+        backend: the quantisation backend that produced it, kept as ``monai_qsa_backend``.
+    """
+
+    def __init__(self, program: nn.Module, backend: str) -> None:
+        super().__init__()
+        self.program = program
+        self.monai_qsa_backend = backend
+        self.training = False
+
+    def train(self, mode: bool = True) -> InferenceGraph:
+        self.training = mode
+        return self
+
+    def forward(self, *args: torch.Tensor) -> torch.Tensor:
+        return self.program(*args)
+
+
+def _int8_transposed_conv_weights(graph_module: torch.fx.GraphModule) -> None:
+    """Store the weights of transposed convolutions, which ``X86InductorQuantizer`` leaves fp32, as per-channel
+    int8 dequantised inside the graph (weight-only quantisation: the arithmetic stays fp32, the file shrinks 4x,
+    and Inductor folds the dequantisation into a constant when freezing)."""
+    dequantize = torch.ops.quantized_decomposed.dequantize_per_channel.default
+    transposed = (torch.ops.aten.conv_transpose2d.input, torch.ops.aten.conv_transpose3d.input)
+    for node in list(graph_module.graph.nodes):
+        if node.target not in transposed or node.args[1].op != "get_attr" or (node.args[6:7] or [1])[0] != 1:
+            continue  # not a transposed convolution with stored weights, or a grouped one (kept fp32)
+        weight_node = node.args[1]
+        weight = operator.attrgetter(weight_node.target)(graph_module).detach()  # (in, out, *kernel): out on axis 1
+        reduce_dims = [d for d in range(weight.ndim) if d != 1]
+        scale = (weight.abs().amax(dim=reduce_dims) / 127).clamp_min(1e-12)
+        shape = [1, -1] + [1] * (weight.ndim - 2)
+        int8 = (weight / scale.reshape(shape)).round().clamp(-128, 127).to(torch.int8)
+        prefix = weight_node.target.replace(".", "_")
+        for suffix, tensor in (("int8", int8), ("scale", scale), ("zero_point", torch.zeros_like(scale, dtype=torch.int64))):
+            graph_module.register_buffer(f"{prefix}_{suffix}", tensor)
+        with graph_module.graph.inserting_before(node):
+            inputs = [graph_module.graph.get_attr(f"{prefix}_{suffix}") for suffix in ("int8", "scale", "zero_point")]
+            dequantized = graph_module.graph.call_function(dequantize, (*inputs, 1, -128, 127, torch.int8))
+        node.replace_input_with(weight_node, dequantized)
+    graph_module.graph.eliminate_dead_code()
+    graph_module.recompile()
+
+
+def _quantize_pt2e(model: nn.Module, batches: Iterator[torch.Tensor], example_inputs: tuple, inferer: Callable | None) -> nn.Module:
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer,
@@ -80,10 +138,11 @@ def _quantize_pt2e(model: nn.Module, batches: Iterator[torch.Tensor], example_in
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The input of maxpool")  # maxpool after an fp32 op stays fp32
         prepared = prepare_pt2e(export_for_quantization(model, example_inputs).module(), quantizer)
-    _calibrate(prepared, batches)
+    _calibrate(prepared, batches, inferer)
     converted = convert_pt2e(prepared)
+    _int8_transposed_conv_weights(converted)
     _drop_unused_tensors(converted)
-    return converted
+    return InferenceGraph(converted, "x86_inductor")
 
 
 def _drop_unused_tensors(graph_module: torch.fx.GraphModule) -> None:
@@ -129,7 +188,7 @@ def _wrap_quantizable(model: nn.Module, qconfig) -> None:
                 setattr(parent, name, wrapper)
 
 
-def _quantize_eager(model: nn.Module, batches: Iterator[torch.Tensor]) -> nn.Module:
+def _quantize_eager(model: nn.Module, batches: Iterator[torch.Tensor], inferer: Callable | None) -> nn.Module:
     from torch.ao.quantization import convert, get_default_qconfig, prepare
 
     if "x86" not in torch.backends.quantized.supported_engines:
@@ -139,7 +198,7 @@ def _quantize_eager(model: nn.Module, batches: Iterator[torch.Tensor]) -> nn.Mod
         _fold_batch_norms(model)
         _wrap_quantizable(model, get_default_qconfig("x86"))
         prepare(model, inplace=True)
-        _calibrate(model, batches)
+        _calibrate(model, batches, inferer)
         convert(model, inplace=True)
     return model
 
@@ -151,11 +210,13 @@ def quantize_ptq(
     backend: str = "x86_inductor",
     num_batches: int | None = None,
     image_key: str = "image",
+    inferer: Callable | None = None,
 ) -> nn.Module:
     """
     Static post-training int8 quantisation, calibrated on real batches. Convolutions (the SASA query/key/value
     projections included) and linear layers become int8 with per-channel weights; attention logits, softmax and
-    the weighted sum stay fp32. ``model`` itself is left unchanged.
+    the weighted sum stay fp32. With ``x86_inductor``, transposed convolutions (which its quantiser leaves fp32)
+    get int8 weights dequantised in the graph. ``model`` itself is left unchanged.
 
     Args:
         model: trained fp32 network (SAResNet, SAUNet, or a MONAI CNN such as BasicUNet, UNet, resnet18).
@@ -167,9 +228,12 @@ def quantize_ptq(
             (torch.ao eager quantisation, needs no compiler).
         num_batches: calibrate on at most this many batches (all by default).
         image_key: key of the input in dict batches.
+        inferer: calibrate through ``inferer(batch, model)`` (e.g. a MONAI ``SlidingWindowInferer``, so that
+            calibration sees the patches the network sees in deployment) instead of ``model(batch)``.
 
     Returns:
-        the int8 model (an ``fx.GraphModule`` for ``x86_inductor``, the rewritten module for ``x86_eager``).
+        the int8 model in eval mode (an :class:`InferenceGraph` for ``x86_inductor``, the rewritten module for
+        ``x86_eager``); ``monai_qsa_backend`` names the backend.
 
     Raises:
         ValueError: unknown backend, no calibration batch, or a model torch.export cannot capture.
@@ -180,8 +244,7 @@ def quantize_ptq(
     model = copy.deepcopy(model).eval()
     batches = calibration_tensors(calibration_data, num_batches, image_key)
     if backend == "x86_inductor":
-        qmodel = _quantize_pt2e(model, batches, example_inputs)
-    else:
-        qmodel = _quantize_eager(model, batches)
+        return _quantize_pt2e(model, batches, example_inputs, inferer)
+    qmodel = _quantize_eager(model, batches, inferer)
     qmodel.monai_qsa_backend = backend
     return qmodel

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import monai_qsa
-from monai_qsa.quantization.ptq import export_for_quantization, quiet_ao_deprecations
+from monai_qsa.quantization.ptq import InferenceGraph, export_for_quantization, quiet_ao_deprecations
 
 __all__ = ["save_quantized", "load_quantized", "METADATA_FILE", "PROGRAM_FILE"]
 
@@ -40,8 +40,8 @@ def save_quantized(path: str | os.PathLike, qmodel: nn.Module, example_inputs: t
     """
     path = Path(path)
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
-    backend = getattr(qmodel, "monai_qsa_backend", "x86_inductor")
-    if backend != "x86_inductor":
+    backend = getattr(qmodel, "monai_qsa_backend", None)
+    if not isinstance(qmodel, InferenceGraph):
         raise NotImplementedError(
             f"save_quantized stores torch.export programs; {backend} models hold torch.ao packed weights that "
             "torch.export cannot capture. Quantise with backend='x86_inductor' to get a deployable file."
@@ -54,13 +54,14 @@ def save_quantized(path: str | os.PathLike, qmodel: nn.Module, example_inputs: t
         **(metadata or {}),
     }
     with quiet_ao_deprecations():
-        program = export_for_quantization(qmodel, example_inputs)
+        program = export_for_quantization(qmodel.program, example_inputs)
+    _strip_debug_info(program)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     buffer = io.BytesIO()
     torch.export.save(program, buffer)
     try:
-        with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive:
             archive.writestr(PROGRAM_FILE, buffer.getvalue())
             archive.writestr(METADATA_FILE, json.dumps(info, indent=2))
         os.replace(partial, path)
@@ -69,12 +70,21 @@ def save_quantized(path: str | os.PathLike, qmodel: nn.Module, example_inputs: t
     return path
 
 
+def _strip_debug_info(program: torch.export.ExportedProgram) -> None:
+    """Drop what running the program does not need: per-node source locations and module paths (half of the
+    serialized graph) and the example inputs ``torch.export.save`` would otherwise store."""
+    for node in program.graph.nodes:
+        for key in ("stack_trace", "nn_module_stack", "source_fn_stack", "from_node", "torch_fn"):
+            node.meta.pop(key, None)
+    program._example_inputs = None
+
+
 def load_quantized(path: str | os.PathLike) -> nn.Module:
     """Load an int8 model written by :func:`save_quantized`, in any process.
 
     Returns:
-        an ``nn.Module`` usable as ``network`` in MONAI inferers; its ``monai_qsa_metadata`` attribute holds the
-        stored metadata. Compile it with ``compile_for_cpu(model, freezing=True)`` for speed.
+        an :class:`~monai_qsa.quantization.ptq.InferenceGraph` usable as ``network`` in MONAI inferers and
+        evaluators; its ``monai_qsa_metadata`` attribute holds the stored metadata. Compile it with ``compile_for_cpu(model, freezing=True)`` for speed.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -95,7 +105,6 @@ def load_quantized(path: str | os.PathLike) -> nn.Module:
         program = torch.export.load(io.BytesIO(program_bytes))
     except Exception as error:
         raise ValueError(f"{path} is not a readable monai_qsa int8 model: {type(error).__name__}: {error}") from error
-    module = program.module()
+    module = InferenceGraph(program.module(), metadata["backend"])
     module.monai_qsa_metadata = metadata
-    module.monai_qsa_backend = metadata["backend"]
     return module

@@ -41,6 +41,8 @@ class CompiledForCPU(nn.Module):
         self._compiled = torch.compile(module, dynamic=dynamic)
 
     def forward(self, *args, **kwargs):
+        # MONAI MetaTensors (what loaders and inferers pass) break compiled graphs: run on their plain data
+        args = tuple(a.as_tensor() if hasattr(a, "as_tensor") else a for a in args)
         with torch._inductor.config.patch(self.options):
             return self._compiled(*args, **kwargs)
 

@@ -50,9 +50,10 @@ class SAUpCat(nn.Module):
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         x = self.upsample(x)
         # odd input sizes: the upsampled map can be one voxel short of the skip on some axes
+        # odd skip sizes leave the upsampled map one short; padding unconditionally (often by 0) keeps the graph
+        # free of shape-dependent branches, so torch.export captures it for every input size
         missing = [s - u for s, u in zip(reversed(skip.shape[2:]), reversed(x.shape[2:]))]
-        if any(missing):
-            x = F.pad(x, [p for m in missing for p in (0, m)], mode="replicate")
+        x = F.pad(x, [p for m in missing for p in (0, m)], mode="replicate")
         return self.attend(torch.cat([skip, x], dim=1))
 
 

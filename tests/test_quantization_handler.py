@@ -1,0 +1,104 @@
+import json
+
+import pytest
+import torch
+from monai.data import DataLoader
+from monai.engines import SupervisedEvaluator, SupervisedTrainer
+from monai.handlers import CheckpointSaver, MeanDice, ValidationHandler, from_engine
+from monai.inferers import SlidingWindowInferer
+from monai.transforms import AsDiscreted, Compose
+
+from monai_qsa.handlers import PostTrainingQuantizationHandler
+from monai_qsa.networks import SAUNet
+from monai_qsa.quantization import load_quantized
+
+
+def _squares(count: int, seed: int) -> list[dict]:
+    """2D images with one bright square each at a random place, and its mask."""
+    generator = torch.Generator().manual_seed(seed)
+    cases = []
+    for _ in range(count):
+        label = torch.zeros(1, 24, 24)
+        y, x = torch.randint(2, 12, (2,), generator=generator).tolist()
+        label[:, y : y + 9, x : x + 9] = 1
+        cases.append({"image": label + 0.3 * torch.randn(label.shape, generator=generator), "label": label})
+    return cases
+
+
+def _workflow(tmp_path, handler_kwargs: dict) -> tuple[SupervisedTrainer, SupervisedEvaluator, PostTrainingQuantizationHandler]:
+    torch.manual_seed(0)
+    net = SAUNet(2, 1, 2, features=(8, 16), num_heads=2, kernel_size=3)
+    post = Compose([AsDiscreted(keys="pred", argmax=True, to_onehot=2), AsDiscreted(keys="label", to_onehot=2)])
+    evaluator = SupervisedEvaluator(
+        device=torch.device("cpu"),
+        val_data_loader=DataLoader(_squares(8, seed=1), batch_size=4),
+        network=net,
+        inferer=SlidingWindowInferer(roi_size=(16, 16), sw_batch_size=4, overlap=0.25),
+        postprocessing=post,
+        key_val_metric={"val_dice": MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))},
+        val_handlers=[CheckpointSaver(str(tmp_path), {"network": net}, save_key_metric=True, key_metric_filename="model.pt")],
+    )
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=6,
+        train_data_loader=DataLoader(_squares(32, seed=0), batch_size=8, shuffle=True),
+        network=net,
+        optimizer=torch.optim.Adam(net.parameters(), 1e-2),
+        loss_function=lambda logits, label: torch.nn.functional.cross_entropy(logits, label[:, 0].long()),
+        train_handlers=[ValidationHandler(validator=evaluator, interval=2)],
+    )
+    handler = PostTrainingQuantizationHandler(evaluator=evaluator, output_dir=tmp_path, checkpoint=tmp_path / "model.pt", **handler_kwargs)
+    handler.attach(trainer)
+    return trainer, evaluator, handler
+
+
+def test_handler_writes_accepted_int8_model_and_report(tmp_path):
+    trainer, evaluator, _ = _workflow(tmp_path, {"latency_repeats": 3})
+    trainer.run()
+
+    report = json.loads((tmp_path / "quantization_report.json").read_text())
+    # the best checkpoint was quantised and evaluated exactly as validation did
+    assert report["fp32_metric"] == pytest.approx(evaluator.state.best_metric, abs=1e-6)
+    assert report["fp32_metric"] > 0.8
+    assert report["accepted"] and abs(report["metric_drop"]) <= 0.01
+    assert report["artifact"] == str(tmp_path / "model_int8.pt2")
+    assert report["int8_bytes"] == (tmp_path / "model_int8.pt2").stat().st_size
+    assert report["parameters"] == sum(p.numel() for p in trainer.network.parameters())
+    assert report["flops"] > 0 and report["latency"]["fp32_ms"] > 0 and report["latency"]["int8_ms"] > 0
+    assert len(report["latency"]["int8_runs_ms"]) == 3
+    assert trainer.state.metrics["int8_metric"] == report["int8_metric"]
+    assert trainer.state.metrics["int8_accepted"] == 1.0
+    # the extra evaluations did not run the evaluator's own handlers (its checkpoint saver wrote one file)
+    assert [p.name for p in tmp_path.glob("*.pt")] == ["model.pt"]
+
+    model = load_quantized(tmp_path / "model_int8.pt2")
+    image = torch.zeros(1, 1, 40, 32)
+    image[..., 10:22, 8:20] = 1
+    with torch.no_grad():
+        pred = SlidingWindowInferer(roi_size=(16, 16), overlap=0.25)(image, model).argmax(1)
+    assert pred.shape == (1, 40, 32)
+    assert pred[0, 12:20, 10:18].float().mean() > 0.9 and pred[0, 30:, :].float().mean() < 0.1
+
+
+def test_handler_refuses_broken_calibration(tmp_path):
+    deployable = tmp_path / "model_int8.pt2"
+    deployable.write_bytes(b"int8 model of an earlier run")
+    blank = [{"image": torch.zeros(4, 1, 24, 24)}]  # ranges calibrated on nothing: int8 activations saturate
+    trainer, _, handler = _workflow(tmp_path, {"calibration_loader": blank, "compile": False, "latency_repeats": 1})
+    trainer.run()
+
+    report = json.loads((tmp_path / "quantization_report.json").read_text())
+    assert not report["accepted"] and report["metric_drop"] > 0.01
+    assert "not deployed" in report["reason"] and report["artifact"] is None
+    assert not deployable.exists()  # a stale int8 model of an earlier run is not left to be deployed
+    assert (tmp_path / "model_int8.rejected.pt2").is_file()
+    assert trainer.state.metrics["int8_accepted"] == 0.0
+    assert trainer.state.epoch == 6  # the run still ended cleanly
+
+
+def test_handler_needs_evaluator_on_trainer(tmp_path):
+    trainer, _, _ = _workflow(tmp_path, {})
+    with pytest.raises(ValueError, match="evaluator="):
+        PostTrainingQuantizationHandler(output_dir=tmp_path).attach(trainer)
+    with pytest.raises(ValueError, match="max_metric_drop"):
+        PostTrainingQuantizationHandler(max_metric_drop=-1)
