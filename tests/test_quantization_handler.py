@@ -96,6 +96,15 @@ def test_handler_refuses_broken_calibration(tmp_path):
     assert trainer.state.epoch == 6  # the run still ended cleanly
 
 
+def test_handler_failure_is_reported_and_the_run_ends(tmp_path):
+    no_images = [{"img": torch.zeros(2, 1, 24, 24)}]  # wrong key: calibration cannot find the input
+    trainer, _, _ = _workflow(tmp_path, {"calibration_loader": no_images, "compile": False})
+    trainer.run()
+    report = json.loads((tmp_path / "quantization_report.json").read_text())
+    assert not report["accepted"] and "'image'" in report["error"]
+    assert trainer.state.epoch == 6 and (tmp_path / "model.pt").is_file() and not (tmp_path / "model_int8.pt2").exists()
+
+
 def test_handler_needs_evaluator_on_trainer(tmp_path):
     trainer, _, _ = _workflow(tmp_path, {})
     with pytest.raises(ValueError, match="evaluator="):

@@ -103,7 +103,8 @@ class PostTrainingQuantizationHandler:
        (absolute; the key metric is taken as higher-is-better), and ``output_dir/report_name`` (JSON) in any case.
 
     A rejected int8 model is not saved under the deployable name, the log and the report say why, and the run
-    still ends cleanly. The figures also land in ``engine.state.metrics`` with ``prefix`` (default ``"int8_"``):
+    still ends cleanly; so does a run whose int8 step fails (e.g. a network torch.export cannot capture): the error
+    is logged with its traceback and written to the report, and the fp32 checkpoints stand. The figures also land in ``engine.state.metrics`` with ``prefix`` (default ``"int8_"``):
     ``int8_metric``, ``int8_fp32_metric``, ``int8_metric_drop``, ``int8_accepted`` (1/0), ``int8_size_ratio``,
     ``int8_latency_ratio`` (int8 / fp32) and ``int8_latency_ms``.
 
@@ -172,6 +173,17 @@ class PostTrainingQuantizationHandler:
             engine.add_event_handler(Events.COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
+        """Quantise, check and save; a failure of this optional last step is logged and reported, and the run
+        (whose fp32 checkpoints are already written) still ends normally."""
+        try:
+            self._quantize_check_save(engine)
+        except Exception as error:
+            self.logger.exception("int8 quantisation failed; the fp32 model is unaffected")
+            self.report = {"backend": self.backend, "accepted": False, "artifact": None, "error": f"{type(error).__name__}: {error}"}
+            self._write_report(self.report)
+            engine.state.metrics[self.prefix + "accepted"] = 0.0
+
+    def _quantize_check_save(self, engine: Engine) -> None:
         evaluator = self.evaluator or engine
         network = self._fp32_network(engine)
         calibration = self.calibration_loader if self.calibration_loader is not None else evaluator.data_loader

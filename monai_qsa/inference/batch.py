@@ -20,7 +20,7 @@ from monai_qsa.utils.csv_rows import append_csv_row
 from monai_qsa.utils.energy import EnergyMeter
 from monai_qsa.utils.nifti import save_nifti
 
-__all__ = ["run_batch_inference", "list_inputs", "output_path", "SUMMARY_COLUMNS"]
+__all__ = ["run_batch_inference", "list_inputs", "case_stem", "output_path", "SUMMARY_COLUMNS"]
 
 SUMMARY_COLUMNS = ("file", "status", "reason", "output", "latency_s", "energy_j", "energy_method")
 PROBABILITIES_CSV = "probabilities.csv"
@@ -41,13 +41,25 @@ class CaseRecord:
     energy_method: str = ""
 
 
+def _is_detached_data(path: Path) -> bool:
+    """Pixel data of a detached-header image (``x.raw`` of ``x.mhd`` / ``x.nhdr``): read through its header."""
+    return path.suffix.lower() in (".raw", ".zraw", ".gz") and any(
+        path.with_name(path.name.split(".")[0] + header).is_file() for header in (".mhd", ".nhdr")
+    )
+
+
 def list_inputs(input_dir: Path, recursive: bool) -> list[Path]:
-    """Every regular, non-hidden file under ``input_dir`` (supported or not: unsupported ones are reported)."""
+    """Every regular, non-hidden file under ``input_dir`` (supported or not: unsupported ones are reported), except
+    the pixel-data files of detached headers."""
     files = input_dir.rglob("*") if recursive else input_dir.iterdir()
-    return sorted(p for p in files if p.is_file() and not any(part.startswith(".") for part in p.relative_to(input_dir).parts))
+    return sorted(
+        p for p in files
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(input_dir).parts) and not _is_detached_data(p)
+    )
 
 
-def _stem(path: Path) -> str:
+def case_stem(path: Path) -> str:
+    """File name without its image suffix (``case.nii.gz`` -> ``case``)."""
     name = path.name
     for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
         if name.lower().endswith(suffix):
@@ -58,7 +70,7 @@ def _stem(path: Path) -> str:
 def output_path(input_dir: Path, output_dir: Path, path: Path) -> Path:
     """``<output_dir>/<relative folder>/<name>_seg.nii.gz`` for input ``path``."""
     relative = path.relative_to(input_dir)
-    return output_dir / relative.parent / f"{_stem(path)}_seg.nii.gz"
+    return output_dir / relative.parent / f"{case_stem(path)}_seg.nii.gz"
 
 
 def _done_classifications(csv_path: Path) -> set[str]:
@@ -151,8 +163,7 @@ def run_batch_inference(
         failed += record.status == "failed"
         if record.status == "failed":
             logger.warning(f"{path}: {record.reason}")
-        row = {k: v for k, v in asdict(record).items() if k in SUMMARY_COLUMNS}
-        append_csv_row(summary if world == 1 else _rank_part(summary, rank), row, SUMMARY_COLUMNS)
+        append_csv_row(summary if world == 1 else _rank_part(summary, rank), asdict(record), SUMMARY_COLUMNS)
     if world > 1:
         failed = _merge_rank_summaries(summary, world, rank, failed)
     if rank == 0:

@@ -73,22 +73,28 @@ class BundleRunner:
         if 0 in shape:
             raise CaseError(f"empty image: shape {tuple(shape)}")
 
-    def run(self, path: Path) -> CaseResult:
-        """Preprocess, infer and postprocess one file; :class:`CaseError` with the reason when it is bad input."""
+    def preprocess(self, path: Path) -> dict:
+        """The bundle's preprocessing of one file; :class:`CaseError` with the reason when it is bad input."""
         self.check_header(path)
         try:
             data = self.preprocessing({"image": str(path)})
         except Exception as error:
             raise CaseError(f"cannot load/preprocess: {type(error).__name__}: {_first_line(error)}") from error
-        image = data["image"]
-        if not torch.isfinite(image).any():
+        if not torch.isfinite(data["image"]).any():
             raise CaseError("image has no finite value (all NaN/inf)")
+        return data
+
+    def predict(self, data: dict) -> CaseResult:
+        """Inference and postprocessing of one preprocessed case (``data`` gains the ``pred`` entry)."""
         start = time.perf_counter()
         with torch.no_grad():
-            data["pred"] = self.inferer(image.unsqueeze(0).to(self.device), self.network)[0].cpu()
+            data["pred"] = self.inferer(data["image"].unsqueeze(0).to(self.device), self.network)[0].cpu()
         seconds = time.perf_counter() - start
-        data = self.postprocessing(data)
-        return CaseResult(pred=data["pred"], seconds=seconds)
+        return CaseResult(pred=self.postprocessing(data)["pred"], seconds=seconds)
+
+    def run(self, path: Path) -> CaseResult:
+        """Preprocess, infer and postprocess one file."""
+        return self.predict(self.preprocess(path))
 
 
 def _first_line(error: BaseException) -> str:

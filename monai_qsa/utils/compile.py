@@ -52,9 +52,15 @@ def compile_for_cpu(module: nn.Module, dynamic: bool | None = None, freezing: bo
 
     Args:
         module: an fp32 network, or an int8 module from :func:`monai_qsa.quantization.quantize_ptq`.
-        dynamic: passed to ``torch.compile``; ``None`` lets it decide after seeing a second shape.
+        dynamic: passed to ``torch.compile``; ``None`` lets it decide after seeing a second shape (fp32), and means
+            ``False`` with ``freezing`` (int8 graphs compile per input shape: Inductor's int8 convolution lowering
+            fails on dynamic shapes).
         freezing: see :class:`CompiledForCPU`; True for int8 PT2E models.
     """
+    if freezing and dynamic is None:
+        # Inductor's int8 convolution lowering fails on dynamically shaped graphs (stride assertion in qconv):
+        # compile int8 models for each input shape instead
+        dynamic = False
     if not has_cpp_compiler():
         warnings.warn(
             "no C++ compiler found (set CXX or install g++): torch.compile is skipped and the model runs eagerly, "

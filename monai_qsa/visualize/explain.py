@@ -12,7 +12,7 @@ import torch
 from monai.data import MetaTensor
 from monai.transforms import Invertd, LoadImage
 
-from monai_qsa.inference.batch import list_inputs, output_path
+from monai_qsa.inference.batch import case_stem, list_inputs
 from monai_qsa.inference.bundle_runner import BundleRunner, CaseError
 from monai_qsa.utils.nifti import save_nifti
 from monai_qsa.visualize.attention import attention_maps, default_layers
@@ -69,11 +69,10 @@ def explain_case(
         written files by map name (``prediction`` included).
     """
     predictor = predictor or runner
-    runner.check_header(path)
-    data = runner.preprocessing({"image": str(path)})
+    data = runner.preprocess(path)  # the same preprocessing for the prediction and the maps
     image = data["image"].unsqueeze(0).to(runner.device)
     network = runner.network
-    prediction = predictor.run(path).pred
+    prediction = predictor.predict(dict(data)).pred
     class_index = 1 if runner.is_segmentation else int(prediction.argmax())
     maps = {}
     for layer, stats in attention_maps(network, image).items():
@@ -112,9 +111,8 @@ def explain(
     predictor = BundleRunner(bundle, int8=True) if int8 else None
     failed = 0
     for path in files:
-        stem = output_path(path.parent, Path(), path).name.removesuffix("_seg.nii.gz")
         try:
-            written = explain_case(runner, path, output_dir, stem, methods, predictor)
+            written = explain_case(runner, path, output_dir, case_stem(path), methods, predictor)
             print(f"{path}: {len(written)} files in {output_dir}")
         except (CaseError, RuntimeError, ValueError) as error:
             failed += 1
