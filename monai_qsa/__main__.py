@@ -28,6 +28,13 @@ def _dataset(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bundle_arguments(parser: argparse.ArgumentParser, input_help: str, output_help: str, int8_help: str) -> None:
+    parser.add_argument("--bundle", required=True, help="bundle folder (configs/inference.json, trained models/)")
+    parser.add_argument("--input", required=True, help=input_help)
+    parser.add_argument("--output", required=True, help=output_help)
+    parser.add_argument("--int8", action="store_true", help=int8_help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m monai_qsa", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -41,10 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
         "outputs are skipped unless --overwrite. Exit status 1 if any file failed. Under torchrun the files are "
         "split between ranks.",
     )
-    infer.add_argument("--bundle", required=True, help="bundle folder (configs/inference.json, trained models/)")
-    infer.add_argument("--input", required=True, help="folder of images (.nii, .nii.gz, .mha, .mhd, .nrrd, .nhdr)")
-    infer.add_argument("--output", required=True, help="output folder; must not be inside --input")
-    infer.add_argument("--int8", action="store_true", help="use the int8 artifact models/model_int8.pt2")
+    _add_bundle_arguments(
+        infer, "folder of images (.nii, .nii.gz, .mha, .mhd, .nrrd, .nhdr)", "output folder; must not be inside --input",
+        "use the int8 artifact models/model_int8.pt2",
+    )
     infer.add_argument("--recursive", action="store_true", help="also process sub-folders (mirrored in --output)")
     infer.add_argument("--overwrite", action="store_true", help="redo cases whose output exists")
     infer.add_argument("--device", default="cpu", help="torch device (default cpu)")
@@ -58,10 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         "input's geometry and PNG overlays (middle slice for 3D). Maps come from the fp32 network; --int8 saves the "
         "int8 model's prediction next to them.",
     )
-    explain.add_argument("--bundle", required=True, help="bundle folder with trained models/")
-    explain.add_argument("--input", required=True, help="an image file or a folder of images")
-    explain.add_argument("--output", required=True, help="output folder")
-    explain.add_argument("--int8", action="store_true", help="save the int8 model's prediction")
+    _add_bundle_arguments(explain, "an image file or a folder of images", "output folder", "save the int8 model's prediction")
     explain.add_argument("--methods", nargs="*", default=["gradcam"], choices=["gradcam", "gradcampp", "occlusion"], help="saliency methods besides attention (default gradcam)")
     explain.set_defaults(handler=_explain)
 

@@ -5,7 +5,6 @@ robustness do not depend on training)."""
 import csv
 import gzip
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,11 +14,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
-from monai.bundle import ConfigParser
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 def infer_cli(*args: str, torchrun: bool = False, **popen) -> subprocess.Popen:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"] if torchrun else [sys.executable]
@@ -54,17 +48,10 @@ def volume(shape=(36, 40, 28), seed=0) -> np.ndarray:
     return image
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
+@pytest.fixture
+def bundle(tmp_path, untrained_bundle) -> Path:
     """sa_seg3d with initialised (untrained) weights saved as models/model.pt."""
-    target = tmp_path_factory.mktemp("bundle") / "sa_seg3d"
-    shutil.copytree(REPO / "bundles" / "sa_seg3d", target, ignore=shutil.ignore_patterns("models", "logs", "eval", "data", "predictions"))
-    parser = ConfigParser()
-    parser.read_config(str(target / "configs" / "inference.json"))
-    torch.manual_seed(0)
-    (target / "models").mkdir()
-    torch.save(parser.get_parsed_content("network_def").state_dict(), target / "models" / "model.pt")
-    return target
+    return untrained_bundle("sa_seg3d", tmp_path / "bundle")
 
 
 def test_bad_inputs_are_reported_and_good_outputs_keep_geometry(bundle, tmp_path):

@@ -1,20 +1,14 @@
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser
 
 from monai_qsa.networks import SAUNet
 from monai_qsa.networks.blocks import StandAloneSelfAttention
 from monai_qsa.visualize import attention_maps, attention_statistics, default_layers
-
-REPO = Path(__file__).resolve().parents[1]
-
 
 def _disc_images(count: int, seed: int, size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
@@ -79,14 +73,8 @@ def test_attention_received_follows_the_object_after_training():
     assert set(maps) == set(default_layers(net)) and maps[layer]["attention_entropy"].shape == (8, 1, 32, 32)
 
 
-def test_explain_cli_writes_maps_in_the_input_geometry(tmp_path):
-    bundle = tmp_path / "sa_seg"
-    shutil.copytree(REPO / "bundles" / "sa_seg", bundle, ignore=shutil.ignore_patterns("models", "logs", "eval", "data", "predictions"))
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
-    torch.manual_seed(0)
-    (bundle / "models").mkdir()
-    torch.save(parser.get_parsed_content("network_def").state_dict(), bundle / "models" / "model.pt")
+def test_explain_cli_writes_maps_in_the_input_geometry(tmp_path, untrained_bundle):
+    bundle = untrained_bundle("sa_seg", tmp_path)
     inputs = tmp_path / "in"
     inputs.mkdir()
     affine = np.array([[0.0, -1.1, 0.0, 20.0], [0.8, 0.0, 0.0, -5.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])

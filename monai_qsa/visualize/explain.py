@@ -8,7 +8,6 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-import torch
 from monai.data import MetaTensor
 from monai.transforms import Invertd, LoadImage
 
