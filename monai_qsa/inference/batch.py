@@ -43,7 +43,7 @@ class CaseRecord:
 
 def _is_detached_data(path: Path) -> bool:
     """Pixel data of a detached-header image (``x.raw`` of ``x.mhd`` / ``x.nhdr``): read through its header."""
-    return path.suffix.lower() in (".raw", ".zraw", ".gz") and any(
+    return path.name.lower().endswith((".raw", ".zraw", ".raw.gz")) and any(
         path.with_name(path.name.split(".")[0] + header).is_file() for header in (".mhd", ".nhdr")
     )
 
@@ -81,7 +81,6 @@ def _done_classifications(csv_path: Path) -> set[str]:
 
 
 def _process(runner: BundleRunner, meter: EnergyMeter, path: Path, input_dir: Path, output_dir: Path) -> CaseRecord:
-    record = CaseRecord(file=str(path), status="ok")
     if not path.name.lower().endswith(IMAGE_SUFFIXES):
         return CaseRecord(file=str(path), status="failed", reason=f"unsupported extension (reads {', '.join(IMAGE_SUFFIXES)})")
     meter.start()
@@ -91,7 +90,7 @@ def _process(runner: BundleRunner, meter: EnergyMeter, path: Path, input_dir: Pa
         meter.stop()
         return CaseRecord(file=str(path), status="failed", reason=str(error))
     reading = meter.stop(samples=1)
-    record.latency_s = round(result.seconds, 4)
+    record = CaseRecord(file=str(path), status="ok", latency_s=round(result.seconds, 4))
     if reading is not None:
         record.energy_j, record.energy_method = round(reading.joules, 3), reading.method
     if runner.is_segmentation:
