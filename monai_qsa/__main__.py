@@ -1,4 +1,4 @@
-"""Command line: ``python -m monai_qsa {infer,explain,dataset} ...`` (also installed as ``monai-qsa``)."""
+"""Command line: ``python -m monai_qsa {infer,explain,benchmark,dataset} ...`` (also installed as ``monai-qsa``)."""
 
 from __future__ import annotations
 
@@ -19,6 +19,20 @@ def _explain(args: argparse.Namespace) -> int:
     from monai_qsa.visualize import explain
 
     return explain(args.bundle, args.input, args.output, int8=args.int8, methods=tuple(args.methods))
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    from monai_qsa.benchmark import run_benchmark
+    from monai_qsa.benchmark.report import update_readme
+
+    report = run_benchmark(
+        args.task, args.output, dataset_dir=args.dataset_dir, epochs=args.epochs, seeds=tuple(args.seeds), repeats=args.repeats, min_seconds=args.min_seconds,
+        threads=tuple(args.threads), max_cases=args.max_cases, baseline=args.baseline, retrain=args.retrain, compile=not args.eager,
+        bundle_dir=args.bundle_dir,
+    )
+    if args.update_readme:
+        update_readme(args.update_readme, report)
+    return 0
 
 
 def _dataset(args: argparse.Namespace) -> int:
@@ -68,6 +82,31 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bundle_arguments(explain, "an image file or a folder of images", "output folder", "save the int8 model's prediction")
     explain.add_argument("--methods", nargs="*", default=["gradcam"], choices=["gradcam", "gradcampp", "occlusion"], help="saliency methods besides attention (default gradcam)")
     explain.set_defaults(handler=_explain)
+
+    benchmark = commands.add_parser(
+        "benchmark",
+        help="CNN vs SA, fp32 vs int8: size, parameters, FLOPs, latency, energy, metric",
+        description="Train a MONAI CNN baseline and the SA network with the task bundle's own recipe (same data, "
+        "transforms, loss, optimiser, epochs and seed), quantise both with quantize_ptq, and measure CNN fp32/int8 and "
+        "SA fp32/int8: parameters, stored size, multiply-adds, median latency per case at each thread count, energy "
+        "per case (CodeCarbon, method stated) and the validation metric. Writes report.json, report.md and PNG plots "
+        "to --output; a rerun reuses trained models with the same settings unless --retrain.",
+    )
+    benchmark.add_argument("--task", required=True, choices=["cls", "seg2d", "seg3d"])
+    benchmark.add_argument("--output", required=True, help="folder for trained runs, report and plots")
+    benchmark.add_argument("--dataset_dir", help="Decathlon-style dataset (default: the built-in synthetic one, written to OUTPUT/data)")
+    benchmark.add_argument("--epochs", type=int, help="training epochs (default per task: cls 15, seg2d 12, seg3d 10)")
+    benchmark.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; metric as mean ± std (default 0)")
+    benchmark.add_argument("--repeats", type=int, default=5, help="timed passes over the cases (default 5)")
+    benchmark.add_argument("--min_seconds", type=float, default=5.0, help="time passes for at least this long per model and thread count, for the energy reading (default 5)")
+    benchmark.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts to time (default 1 2)")
+    benchmark.add_argument("--max_cases", type=int, default=4, help="validation cases per timed pass (default 4)")
+    benchmark.add_argument("--baseline", choices=["matched", "standard"], default="matched", help="matched: MONAI UNet/ResNet with the SA network's widths and depth (default); standard: BasicUNet/resnet18")
+    benchmark.add_argument("--retrain", action="store_true", help="train again even if a run with the same settings exists")
+    benchmark.add_argument("--eager", action="store_true", help="run int8 models without compiling (no C++ compiler, quick runs)")
+    benchmark.add_argument("--bundle_dir", help="bundle holding the training recipe (default: this repository's bundle for the task)")
+    benchmark.add_argument("--update_readme", metavar="README", help="replace the task's generated table in this Markdown file")
+    benchmark.set_defaults(handler=_benchmark)
 
     dataset = commands.add_parser("dataset", help="write a built-in synthetic dataset (Decathlon layout, NIfTI)")
     dataset.add_argument("--task", required=True, choices=["seg2d", "seg3d", "cls"])

@@ -1,9 +1,10 @@
-"""Small helpers the bundle configs call: where the bundle lives, which checkpoint to resume from, and metric
-inputs for decollated classification outputs."""
+"""Small helpers the bundle configs call: where the bundle lives, which checkpoint to resume from, the names of
+the output channels, and metric inputs for decollated classification outputs."""
 
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["find_bundle_root", "flag", "latest_checkpoint", "stacked_pred_label", "inference_network"]
+__all__ = ["find_bundle_root", "flag", "latest_checkpoint", "stacked_pred_label", "inference_network", "output_channels"]
 
 
 def find_bundle_root() -> str:
@@ -34,6 +35,21 @@ def find_bundle_root() -> str:
     if Path("configs/metadata.json").is_file():
         return os.getcwd()
     raise ValueError("cannot tell the bundle root: run the config through monai.bundle or pass --bundle_root.")
+
+
+def output_channels(bundle_root: str | os.PathLike) -> dict[int, str]:
+    """``{channel: name}`` of the network output, from ``network_data_format`` in the bundle's
+    ``configs/metadata.json`` (the label names MONAI Label shows, stored with the int8 model).
+
+    Raises:
+        ValueError: the metadata has no output ``channel_def``, naming the file.
+    """
+    path = Path(bundle_root) / "configs" / "metadata.json"
+    outputs = json.loads(path.read_text())["network_data_format"]["outputs"]
+    channel_def = next(iter(outputs.values()), {}).get("channel_def")
+    if not channel_def:
+        raise ValueError(f"{path}: network_data_format.outputs has no channel_def naming the output channels.")
+    return {int(channel): name for channel, name in channel_def.items()}
 
 
 def flag(value: object, name: str) -> bool:

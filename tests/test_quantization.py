@@ -4,10 +4,11 @@ import textwrap
 
 import pytest
 import torch
-from monai.networks.nets import BasicUNet
+from monai.networks.nets import BasicUNet, UNet, resnet18
 
 from monai_qsa.networks import SAResNet, SAUNet
 from monai_qsa.quantization import load_quantized, quantize_ptq, save_quantized
+from monai_qsa.utils.compile import compile_for_cpu, run_mode
 from monai_qsa.utils.complexity import serialized_size
 
 
@@ -116,6 +117,30 @@ def test_monai_cnn_and_classifier_quantize():
     v = torch.randn(2, 1, 16, 16, 16)
     q = quantize_ptq(cls, [v, v], v, backend="x86_eager")
     assert q(v).shape == (2, 3)
+
+
+@pytest.mark.parametrize(
+    "make_network",
+    [
+        lambda: resnet18(spatial_dims=2, n_input_channels=1, num_classes=3),  # shared self.act, out += residual
+        lambda: UNet(2, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=2),  # output_padding in its up-sampling
+    ],
+    ids=["resnet18", "UNet"],
+)
+def test_monai_networks_quantize_with_pt2e(make_network):
+    """The CNN baselines of the benchmark go through the default backend with their convolutions in int8, and
+    Inductor compiles the result."""
+    network = make_network().eval()
+    x = torch.randn(2, 1, 32, 32)
+    q = quantize_ptq(network, [x, torch.randn_like(x)], x)
+    compiled = compile_for_cpu(q, freezing=True)
+    with torch.no_grad():
+        relative_error = (q(x) - network(x)).norm() / network(x).norm()
+        assert torch.allclose(compiled(x), q(x), atol=0.05)
+    assert run_mode(compiled) == "compiled"
+    assert relative_error < 0.2
+    int8_convolutions = [n for n in q.program.graph.nodes if "dequantize" in str(n.target) and n.args and getattr(n.args[0], "op", "") == "get_attr"]
+    assert len(int8_convolutions) >= 5
 
 
 def test_errors(tmp_path, trained):

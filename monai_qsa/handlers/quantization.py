@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from monai.transforms import ResizeWithPadOrCrop
 from monai.utils import IgniteInfo, min_version, optional_import
 from torch import nn
 
 from monai_qsa.quantization import quantize_ptq, save_quantized
 from monai_qsa.quantization.ptq import calibration_tensors
-from monai_qsa.utils.compile import compile_for_cpu
+from monai_qsa.utils.compile import compile_for_cpu, run_mode
 from monai_qsa.utils.complexity import count_flops, count_parameters, serialized_size
 from monai_qsa.utils.timing import repeated_seconds
 
@@ -59,6 +60,17 @@ def _attached_metrics(evaluator: Evaluator) -> dict[str, Metric]:
         if isinstance(owner, Metric) and handler.__name__ == "completed":
             metrics[next(arg for arg in args if isinstance(arg, str))] = owner
     return metrics
+
+
+def network_input(case: torch.Tensor, inferer: Callable) -> torch.Tensor:
+    """What the network itself receives when ``inferer`` runs on ``case``: a patch of the sliding window's
+    ``roi_size`` (cropped or padded from the case), else the case. Used as the export example, so that networks
+    exportable only for some sizes (MONAI ``UNet``) are captured at the size they will see."""
+    roi_size = getattr(inferer, "roi_size", None)
+    if roi_size is None:
+        return case
+    patch = ResizeWithPadOrCrop(roi_size)
+    return torch.stack([torch.as_tensor(patch(sample)) for sample in case])
 
 
 def evaluation_twin(evaluator: SupervisedEvaluator, network: nn.Module) -> SupervisedEvaluator:
@@ -187,7 +199,8 @@ class PostTrainingQuantizationHandler:
         evaluator = self.evaluator or engine
         network = self._fp32_network(engine)
         calibration = self.calibration_loader if self.calibration_loader is not None else evaluator.data_loader
-        example = next(calibration_tensors(calibration, 1, self.image_key)).to("cpu")
+        case = next(calibration_tensors(calibration, 1, self.image_key)).to("cpu")
+        example = network_input(case, evaluator.inferer)
         self.logger.info(f"int8 quantisation ({self.backend}): calibrating on {self.num_calibration_batches or 'all'} batches")
         qmodel = quantize_ptq(
             network,
@@ -215,7 +228,7 @@ class PostTrainingQuantizationHandler:
             "parameters": count_parameters(network),
             "flops": count_flops(network, example[:1]),
             "fp32_state_dict_bytes": serialized_size(network),
-            "latency": self._latency(evaluator.inferer, example[:1], fp32_runner, int8_runner),
+            "latency": self._latency(evaluator.inferer, case[:1], fp32_runner, int8_runner),
         }
         report.update(self._save(qmodel, example, report))
         self._write_report(report)
@@ -253,7 +266,8 @@ class PostTrainingQuantizationHandler:
             "fp32_runs_ms": runs["fp32"],
             "int8_runs_ms": runs["int8"],
             "threads": torch.get_num_threads(),
-            "mode": "compiled" if self.compile else "eager",
+            "fp32_mode": run_mode(fp32),
+            "int8_mode": run_mode(int8),
             "per": "one case through the evaluator's inferer",
         }
 

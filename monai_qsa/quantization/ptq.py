@@ -5,12 +5,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import itertools
+import logging
 import operator
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+
+from monai_qsa.quantization.graph_prep import match_quantizer_patterns
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["BACKENDS", "quantize_ptq", "calibration_tensors", "InferenceGraph"]
 
@@ -56,23 +61,39 @@ def _is_image(x) -> bool:
     return isinstance(x, torch.Tensor) and x.ndim > 2
 
 
-def _input_dynamic_shapes(example_inputs: tuple) -> tuple:
-    """Every dimension but channels of each image input may vary (batch size, image size)."""
+def _input_dynamic_shapes(example_inputs: tuple, spatial: bool = True) -> tuple:
+    """Batch size, and with ``spatial`` the image size, of each image input may vary; channels are fixed."""
     auto = torch.export.Dim.AUTO
-    return tuple({d: auto for d in range(x.ndim) if d != 1} if _is_image(x) else None for x in example_inputs)
+    return tuple({d: auto for d in range(x.ndim) if d == 0 or (spatial and d > 1)} if _is_image(x) else None for x in example_inputs)
+
+
+def _first_line(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
 def export_for_quantization(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
-    """``torch.export`` with batch and spatial sizes left dynamic; a clear error when the model cannot be exported."""
+    """``torch.export`` with batch and spatial sizes left dynamic; a clear error when the model cannot be exported.
+
+    Networks that only work for some image sizes (MONAI ``UNet`` needs sizes divisible by its total stride) cannot
+    be captured for every size: they are exported for the example's image size (batch size still free), with a
+    warning; sliding-window inference feeds them that size.
+    """
     # torch.export specialises dimensions of size 1, so a batch of one would fix the batch size: export on two
     example_inputs = tuple(x.repeat(2, *[1] * (x.ndim - 1)) if _is_image(x) and x.shape[0] == 1 else x for x in example_inputs)
     try:
         return torch.export.export(model, example_inputs, dynamic_shapes=_input_dynamic_shapes(example_inputs))
     except Exception as error:
+        any_size_error = error
+    try:
+        program = torch.export.export(model, example_inputs, dynamic_shapes=_input_dynamic_shapes(example_inputs, spatial=False))
+    except Exception:
         raise ValueError(
             f"{type(model).__name__} cannot be captured by torch.export, which the x86_inductor backend needs: "
-            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}. Use backend='x86_eager'."
-        ) from error
+            f"{_first_line(any_size_error)}. Use backend='x86_eager'."
+        ) from any_size_error
+    sizes = [tuple(x.shape[2:]) for x in example_inputs if _is_image(x)]
+    logger.warning(f"{type(model).__name__} is exported for image size {sizes} only (for any size: {_first_line(any_size_error)})")
+    return program
 
 
 class InferenceGraph(nn.Module):
@@ -109,6 +130,8 @@ def _int8_transposed_conv_weights(graph_module: torch.fx.GraphModule) -> None:
     for node in list(graph_module.graph.nodes):
         if node.target not in transposed or node.args[1].op != "get_attr" or (node.args[6:7] or [1])[0] != 1:
             continue  # not a transposed convolution with stored weights, or a grouped one (kept fp32)
+        if any((node.args[5:6] or [[0]])[0]):
+            continue  # output_padding (MONAI UNet's up-sampling): Inductor's int8 weight lowering fails on it, kept fp32
         weight_node = node.args[1]
         weight = operator.attrgetter(weight_node.target)(graph_module).detach()  # (in, out, *kernel): out on axis 1
         reduce_dims = [d for d in range(weight.ndim) if d != 1]
@@ -137,7 +160,9 @@ def _quantize_pt2e(model: nn.Module, batches: Iterator[torch.Tensor], example_in
     quantizer = X86InductorQuantizer().set_global(get_default_x86_inductor_quantization_config())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The input of maxpool")  # maxpool after an fp32 op stays fp32
-        prepared = prepare_pt2e(export_for_quantization(model, example_inputs).module(), quantizer)
+        graph_module = export_for_quantization(model, example_inputs).module()
+        match_quantizer_patterns(graph_module)
+        prepared = prepare_pt2e(graph_module, quantizer)
     _calibrate(prepared, batches, inferer)
     converted = convert_pt2e(prepared)
     _int8_transposed_conv_weights(converted)

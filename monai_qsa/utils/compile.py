@@ -9,7 +9,7 @@ import warnings
 import torch
 from torch import nn
 
-__all__ = ["compile_for_cpu", "CPU_COMPILE_OPTIONS", "CompiledForCPU", "has_cpp_compiler"]
+__all__ = ["compile_for_cpu", "CPU_COMPILE_OPTIONS", "CompiledForCPU", "has_cpp_compiler", "run_mode"]
 
 # Inductor's layout optimisation turns convolution outputs channels-last, which makes the attention kernels
 # read each head's channels with a large stride and vectorise badly (about 2x slower on AVX2).
@@ -27,6 +27,9 @@ class CompiledForCPU(nn.Module):
     The options are applied as an Inductor config patch around each call rather than through
     ``torch.compile(options=...)``, because freezing, which int8 graphs need, only takes effect that way.
 
+    If Inductor fails to compile the module (e.g. oneDNN has no int8 kernel for one of its convolutions), one
+    warning is given and the module runs eagerly from then on; ``eager_fallback`` then holds the reason.
+
     Args:
         module: the module to compile; kept as ``self.module``.
         dynamic: passed to ``torch.compile``.
@@ -39,12 +42,24 @@ class CompiledForCPU(nn.Module):
         self.module = module
         self.options = CPU_COMPILE_OPTIONS | {"freezing": freezing}
         self._compiled = torch.compile(module, dynamic=dynamic)
+        self.eager_fallback: str | None = None
 
     def forward(self, *args, **kwargs):
         # MONAI MetaTensors (what loaders and inferers pass) break compiled graphs: run on their plain data
         args = tuple(a.as_tensor() if hasattr(a, "as_tensor") else a for a in args)
-        with torch._inductor.config.patch(self.options):
-            return self._compiled(*args, **kwargs)
+        if self.eager_fallback is not None:
+            return self.module(*args, **kwargs)
+        try:
+            with torch._inductor.config.patch(self.options):
+                return self._compiled(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as error:
+            self.eager_fallback = next((line for line in str(error).splitlines() if "Error" in line), str(error)[:200])
+            warnings.warn(
+                f"Inductor could not compile {type(self.module).__name__} ({self.eager_fallback}); it runs eagerly (slower) from now on.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return self.module(*args, **kwargs)
 
 
 def compile_for_cpu(module: nn.Module, dynamic: bool | None = None, freezing: bool = False) -> nn.Module:
@@ -70,3 +85,10 @@ def compile_for_cpu(module: nn.Module, dynamic: bool | None = None, freezing: bo
         )
         return module
     return CompiledForCPU(module, dynamic=dynamic, freezing=freezing)
+
+
+def run_mode(module: nn.Module) -> str:
+    """How ``module`` runs, for reports: ``"compiled"``, ``"eager"``, or eager after a failed compilation."""
+    if not isinstance(module, CompiledForCPU):
+        return "eager"
+    return "compiled" if module.eager_fallback is None else f"eager (compilation failed: {module.eager_fallback})"

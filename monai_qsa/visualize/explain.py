@@ -84,7 +84,8 @@ def explain_case(
     )
     written = {}
     source_array = np.asarray(LoadImage(image_only=True)(str(path)))  # the input as stored, for the PNGs
-    pred_array = np.asarray(prediction[0]) if runner.is_segmentation else None
+    # segmentation label maps are (1, *S), or S for the 2D bundle (channel squeezed, as MONAI Label needs)
+    pred_array = np.asarray(prediction[0] if prediction.ndim == data["image"].ndim else prediction) if runner.is_segmentation else None
     if runner.is_segmentation:
         written["prediction"] = save_nifti(prediction, output_dir / f"{stem}_seg.nii.gz", dtype="uint8")
     for name in maps:

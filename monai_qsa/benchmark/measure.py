@@ -1,0 +1,125 @@
+"""Time one trained model of the benchmark, per case, at several thread counts, with its energy per case.
+
+Runs in its own process (``python -m monai_qsa.benchmark.measure SPEC.json``) so that models do not share
+allocator state, compiled-code caches or CodeCarbon trackers. The cases are the bundle's validation images after
+its deterministic preprocessing, run through the bundle's validation inferer (sliding window for segmentation),
+exactly as in evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["measure_model", "load_cases", "load_network", "load_model"]
+
+
+def _bundle_parser(bundle_dir: str, dataset_dir: str):
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(bundle_dir) / "configs" / "train.json"))
+    parser.update({"bundle_root": bundle_dir, "dataset_dir": dataset_dir})
+    return parser
+
+
+def load_cases(bundle_dir: str, dataset_dir: str, max_cases: int) -> tuple[list[torch.Tensor], object]:
+    """The first ``max_cases`` validation images (batch of one, preprocessed) and the validation inferer."""
+    parser = _bundle_parser(bundle_dir, dataset_dir)
+    preprocessing = parser.get_parsed_content("validate#preprocessing")
+    datalist = parser.get_parsed_content("val_datalist")[:max_cases]
+    if not datalist:
+        raise ValueError(f"the dataset in {dataset_dir} has no validation cases to time.")
+    cases = [torch.as_tensor(preprocessing(dict(item))["image"])[None] for item in datalist]
+    return cases, parser.get_parsed_content("validate#inferer")
+
+
+def load_network(bundle_dir: str, dataset_dir: str, network_def: dict, checkpoint: str) -> nn.Module:
+    """``network_def`` built in the bundle's training config (so references such as ``@num_classes`` resolve
+    against the dataset), with the weights of ``checkpoint``, in eval mode."""
+    from monai_qsa.handlers.quantization import load_network_weights
+
+    parser = _bundle_parser(bundle_dir, dataset_dir)
+    parser["network_def"] = network_def
+    network = parser.get_parsed_content("network_def").eval()
+    load_network_weights(network, checkpoint)
+    return network
+
+
+def load_model(spec: dict) -> nn.Module:
+    """The fp32 network (``network_def`` + ``checkpoint``) or the int8 graph (``int8_path``) of ``spec``."""
+    from monai_qsa.quantization import load_quantized
+
+    if spec["precision"] == "int8":
+        return load_quantized(spec["int8_path"])
+    return load_network(spec["bundle_dir"], spec["dataset_dir"], spec["network_def"], spec["checkpoint"])
+
+
+def measure_model(spec: dict) -> dict:
+    """Per-case latency and energy of one model at each thread count of ``spec["threads"]``.
+
+    Args:
+        spec: ``precision`` (``fp32``/``int8``), ``network_def`` and ``checkpoint`` (fp32) or ``int8_path``,
+            ``compile`` (run through ``compile_for_cpu``; int8 graphs with freezing), ``bundle_dir``,
+            ``dataset_dir``, ``max_cases``, ``repeats`` (at least this many timed passes over the cases),
+            ``min_seconds`` (and passes until this much time has gone, for the energy reading), ``threads``.
+
+    Returns:
+        ``{"<threads>": {"latency_ms": [...], "median_ms", "energy_j_per_case", "energy_method"}, "cases": n,
+        "mode": see :func:`~monai_qsa.utils.compile.run_mode`}``; energy entries are None when CodeCarbon could not
+        measure.
+    """
+    from monai_qsa.utils.compile import compile_for_cpu, run_mode
+    from monai_qsa.utils.energy import EnergyMeter, measure_energy
+
+    cases, inferer = load_cases(spec["bundle_dir"], spec["dataset_dir"], spec["max_cases"])
+    model = load_model(spec)
+    meter = EnergyMeter()
+    result: dict = {"cases": len(cases)}
+    for threads in spec["threads"]:
+        torch.set_num_threads(threads)
+        torch._dynamo.reset()  # Inductor fixes the thread count of its kernels when it compiles them
+        runner = compile_for_cpu(model, freezing=spec["precision"] == "int8") if spec["compile"] else model
+        times = []
+        with torch.no_grad():
+            for case in cases:  # warm-up: compilation (per input shape) and allocator caches
+                inferer(case, runner)
+                inferer(case, runner)
+            # at least `repeats` passes, and more until `min_seconds` have passed: CodeCarbon samples power about
+            # once a second, so shorter windows give meaningless energy figures
+            began = time.perf_counter()
+            with measure_energy(meter=meter) as energy:
+                passes = 0
+                while passes < spec["repeats"] or time.perf_counter() - began < spec["min_seconds"]:
+                    for case in cases:
+                        start = time.perf_counter()
+                        inferer(case, runner)
+                        times.append(round(1000 * (time.perf_counter() - start), 3))
+                    passes += 1
+                energy.samples = len(times)
+        reading = energy.reading
+        result["mode"] = run_mode(runner)
+        result[str(threads)] = {
+            "latency_ms": times,
+            "median_ms": statistics.median(times),
+            "energy_j_per_case": reading.joules_per_sample if reading else None,
+            "energy_method": reading.method if reading else "unavailable (CodeCarbon failed; see the log)",
+        }
+    return result
+
+
+def main(argv: list[str]) -> int:
+    spec_path, output_path = Path(argv[0]), Path(argv[1])
+    result = measure_model(json.loads(spec_path.read_text()))
+    output_path.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,24 @@
+import pytest
+import torch
+
+from monai_qsa.utils.compile import CompiledForCPU, run_mode
+
+
+def test_failed_compilation_falls_back_to_eager_once():
+    module = torch.nn.Conv2d(1, 2, 3).eval()
+    compiled = CompiledForCPU(module)
+    calls = []
+
+    class InductorFails(torch.nn.Module):  # what torch.compile raises when a lowering has no kernel
+        def forward(self, *args):
+            calls.append(1)
+            raise torch._dynamo.exc.BackendCompilerFailed("inductor", RuntimeError("could not create a primitive descriptor"), None)
+
+    compiled._compiled = InductorFails()
+    x = torch.randn(1, 1, 8, 8)
+    with pytest.warns(RuntimeWarning, match="runs eagerly"):
+        y = compiled(x)
+    assert torch.equal(y, module(x)) and torch.equal(compiled(x), module(x))
+    assert len(calls) == 1  # not retried on every call
+    assert run_mode(compiled).startswith("eager (compilation failed: RuntimeError: could not create")
+    assert run_mode(module) == "eager"
