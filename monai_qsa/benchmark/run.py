@@ -15,12 +15,7 @@ import torch
 
 from monai_qsa.benchmark.measure import load_network
 from monai_qsa.benchmark.report import machine_info, relative_figures, write_report
-from monai_qsa.benchmark.tasks import (
-    TASKS,
-    cnn_network_def,
-    default_bundle_dir,
-    sa_network_def,
-)
+from monai_qsa.benchmark.tasks import TASKS, cnn_network_def, default_bundle_dir, sa_network_def
 from monai_qsa.benchmark.train import train_and_quantize, trained_run
 
 __all__ = ["run_benchmark", "MODELS"]
@@ -50,11 +45,7 @@ def _summary(values: list[float]) -> dict:
 
 def _complexity_rows(name: str, network: torch.nn.Module, report: dict, checkpoint: Path) -> dict:
     """Parameters, FLOPs (multiply-adds of one network input) and stored size of the fp32 and int8 models."""
-    from monai_qsa.utils.complexity import (
-        count_flops,
-        count_parameters,
-        serialized_size,
-    )
+    from monai_qsa.utils.complexity import count_flops, count_parameters, serialized_size
 
     example = torch.zeros(1, *report["input_shape"])
     parameters, flops = count_parameters(network), count_flops(network, example)
