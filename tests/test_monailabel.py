@@ -156,6 +156,8 @@ def test_segmentation_bundle_infers_and_trains_in_monai_label(label_server, tmp_
     base, bundle, studies, log_path = label_server
     name = bundle.name
     info = json.loads(_request(f"{base}/info/"))
+    log = log_path.read_text()
+    assert f"Adding Bundle from Local: {name}" in log and "from NGC" not in log and "from Zoo" not in log  # no download
     assert name in info["models"], info["models"].keys()
     assert name in info["trainers"]
     channel_def = json.loads((bundle / "configs" / "metadata.json").read_text())["network_data_format"]["outputs"]["pred"]["channel_def"]
