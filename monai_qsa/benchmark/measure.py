@@ -20,45 +20,50 @@ from torch import nn
 __all__ = ["measure_model", "load_cases", "load_network", "load_model"]
 
 
-def _bundle_parser(bundle_dir: str, dataset_dir: str):
+def _bundle_parser(bundle_dir: str, dataset_dir: str, network_def: dict | None = None):
+    """The bundle's training config on ``dataset_dir``, with ``network_def`` swapped in before anything is parsed
+    (so the dataset is read once however many items are taken from it)."""
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(Path(bundle_dir) / "configs" / "train.json"))
-    parser.update({"bundle_root": bundle_dir, "dataset_dir": dataset_dir})
+    parser.update({"bundle_root": bundle_dir, "dataset_dir": dataset_dir} | ({"network_def": network_def} if network_def else {}))
     return parser
 
 
-def load_cases(bundle_dir: str, dataset_dir: str, max_cases: int) -> tuple[list[torch.Tensor], object]:
-    """The first ``max_cases`` validation images (batch of one, preprocessed) and the validation inferer."""
-    parser = _bundle_parser(bundle_dir, dataset_dir)
+def load_cases(parser, max_cases: int) -> tuple[list[torch.Tensor], object]:
+    """The first ``max_cases`` validation images of the config ``parser`` (batch of one, preprocessed) and its
+    validation inferer."""
     preprocessing = parser.get_parsed_content("validate#preprocessing")
     datalist = parser.get_parsed_content("val_datalist")[:max_cases]
     if not datalist:
-        raise ValueError(f"the dataset in {dataset_dir} has no validation cases to time.")
+        raise ValueError(f"the dataset in {parser['dataset_dir']} has no validation cases to time.")
     cases = [torch.as_tensor(preprocessing(dict(item))["image"])[None] for item in datalist]
     return cases, parser.get_parsed_content("validate#inferer")
 
 
-def load_network(bundle_dir: str, dataset_dir: str, network_def: dict, checkpoint: str) -> nn.Module:
-    """``network_def`` built in the bundle's training config (so references such as ``@num_classes`` resolve
-    against the dataset), with the weights of ``checkpoint``, in eval mode."""
+def _trained_network(parser, checkpoint: str) -> nn.Module:
     from monai_qsa.handlers.quantization import load_network_weights
 
-    parser = _bundle_parser(bundle_dir, dataset_dir)
-    parser["network_def"] = network_def
     network = parser.get_parsed_content("network_def").eval()
     load_network_weights(network, checkpoint)
     return network
 
 
-def load_model(spec: dict) -> nn.Module:
-    """The fp32 network (``network_def`` + ``checkpoint``) or the int8 graph (``int8_path``) of ``spec``."""
+def load_network(bundle_dir: str, dataset_dir: str, network_def: dict, checkpoint: str) -> nn.Module:
+    """``network_def`` built in the bundle's training config (so references such as ``@num_classes`` resolve
+    against the dataset), with the weights of ``checkpoint``, in eval mode."""
+    return _trained_network(_bundle_parser(bundle_dir, dataset_dir, network_def), checkpoint)
+
+
+def load_model(spec: dict, parser) -> nn.Module:
+    """The fp32 network (``spec["network_def"]``, already in ``parser``, + ``checkpoint``) or the int8 graph
+    (``int8_path``) of ``spec``."""
     from monai_qsa.quantization import load_quantized
 
     if spec["precision"] == "int8":
         return load_quantized(spec["int8_path"])
-    return load_network(spec["bundle_dir"], spec["dataset_dir"], spec["network_def"], spec["checkpoint"])
+    return _trained_network(parser, spec["checkpoint"])
 
 
 def measure_model(spec: dict) -> dict:
@@ -78,8 +83,9 @@ def measure_model(spec: dict) -> dict:
     from monai_qsa.utils.compile import compile_for_cpu, run_mode
     from monai_qsa.utils.energy import EnergyMeter, measure_energy
 
-    cases, inferer = load_cases(spec["bundle_dir"], spec["dataset_dir"], spec["max_cases"])
-    model = load_model(spec)
+    parser = _bundle_parser(spec["bundle_dir"], spec["dataset_dir"], spec["network_def"])
+    cases, inferer = load_cases(parser, spec["max_cases"])
+    model = load_model(spec, parser)
     meter = EnergyMeter()
     result: dict = {"cases": len(cases)}
     for threads in spec["threads"]:
