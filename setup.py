@@ -13,6 +13,8 @@ setup(
     long_description=(Path(__file__).parent / "README.md").read_text(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["monai_qsa", "monai_qsa.*"]),
+    # the fused attention kernel's C source, compiled on the user's machine at first use
+    package_data={"monai_qsa.networks.blocks": ["*.c"]},
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.8",

@@ -1,6 +1,7 @@
-"""SASA layer speed and memory against an unfold (im2col) implementation of the same function and against
-the dense convolution it replaces, at one thread, eager and compiled. Prints medians and ratios measured in
-this run.
+"""SASA layer speed and memory: the layer as it runs inference (fused C kernel), its PyTorch-operations path (what
+training runs, and inference without a C compiler), an unfold (im2col) implementation of the same function, and
+the dense convolution it replaces; one thread, eager and compiled. Prints medians and ratios measured in this
+run.
 
     python benchmarks/bench_sasa.py [--repeats 5]
 """
@@ -18,6 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import median_seconds, peak_memory_bytes  # noqa: E402
 
 from monai_qsa.networks.blocks import StandAloneSelfAttention  # noqa: E402
+from monai_qsa.networks.blocks.local_attention import relative_logits, relative_position_table  # noqa: E402
 from monai_qsa.utils.compile import compile_for_cpu  # noqa: E402
 from monai_qsa.utils.complexity import count_flops  # noqa: E402
 
@@ -46,11 +48,22 @@ class UnfoldSASA(torch.nn.Module):
 
         keys, values = im2col(key), im2col(v)
         inside = im2col(torch.ones((1, 1, 1) + spatial).expand(batch, heads, 1, *spatial))[:, :, 0] > 0
-        rel = layer._relative_logits(q, offsets_last=False).flatten(3)  # (B, heads, k^d, N)
+        rel = relative_logits(q, relative_position_table(list(layer.rel_pos), layer.axis_channels)).flatten(3)  # (B, heads, k^d, N)
         logits = torch.einsum("bhdn,bhdkn->bhkn", q.flatten(3), keys) + rel
         attn = logits.masked_fill(~inside, float("-inf")).softmax(2)
         out = torch.einsum("bhkn,bhdkn->bhdn", attn, values)
         return out.reshape((batch, layer.out_channels) + spatial)
+
+
+class PyTorchPathSASA(torch.nn.Module):
+    """The layer through its differentiable PyTorch-operations path (requesting the attention selects it)."""
+
+    def __init__(self, layer: StandAloneSelfAttention) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x, return_attention=True)[0]
 
 
 def main() -> None:
@@ -68,14 +81,16 @@ def main() -> None:
         conv_cls = torch.nn.Conv2d if dims == 2 else torch.nn.Conv3d
         impls = {
             "sasa": sasa,
+            "sasa-pytorch": PyTorchPathSASA(sasa).eval(),
             "unfold-sasa": UnfoldSASA(sasa).eval(),
             "dense-conv": conv_cls(channels, channels, k, padding=k // 2).eval(),
         }
         with torch.no_grad():
-            torch.testing.assert_close(impls["unfold-sasa"](x), sasa(x), atol=1e-4, rtol=1e-4)
+            for name in ("sasa-pytorch", "unfold-sasa"):
+                torch.testing.assert_close(impls[name](x), sasa(x), atol=1e-4, rtol=1e-4)
             results = {}
             for name, module in impls.items():
-                macs = count_flops(module if name != "unfold-sasa" else sasa, x) / 1e9
+                macs = count_flops(module if name == "dense-conv" else sasa, x) / 1e9
                 for mode in ("eager", "compiled"):
                     fn = module if mode == "eager" else compile_for_cpu(module)
                     fn(x)  # compile / warm up
@@ -86,7 +101,8 @@ def main() -> None:
                     print(f"{label:28s} {name:14s} {mode:8s} {seconds * 1e3:10.1f} {peak:9.1f} {macs:7.2f}")
         for mode in ("eager", "compiled"):
             print(
-                f"  {dims}D {mode}: unfold/sasa = {results['unfold-sasa', mode] / results['sasa', mode]:.2f}x, "
+                f"  {dims}D {mode}: pytorch/sasa = {results['sasa-pytorch', mode] / results['sasa', mode]:.2f}x, "
+                f"unfold/sasa = {results['unfold-sasa', mode] / results['sasa', mode]:.2f}x, "
                 f"conv/sasa = {results['dense-conv', mode] / results['sasa', mode]:.2f}x"
             )
 

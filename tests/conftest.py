@@ -7,6 +7,7 @@ import pytest
 
 # compiled kernels are cached inside the test tree, never in a shared/global location
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(Path(__file__).resolve().parent / ".inductor_cache"))
+os.environ.setdefault("MONAI_QSA_CACHE_DIR", str(Path(__file__).resolve().parent / ".monai_qsa_cache"))
 warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*is deprecated.*")
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from monai.networks.nets import BasicUNet, UNet, resnet18
 
-from monai_qsa.networks import SAResNet, SAUNet
+from monai_qsa.networks import SAResNet, SAUNet, StandAloneSelfAttention
 from monai_qsa.quantization import load_quantized, quantize_ptq, save_quantized
 from monai_qsa.utils.compile import compile_for_cpu, run_mode
 from monai_qsa.utils.complexity import serialized_size
@@ -64,7 +64,10 @@ def test_int8_convolutions_attention_fp32(trained):
     pt2e = quantize_ptq(net, batches[:2], batches[0]["image"])
     targets = [str(n.target) for n in pt2e.program.graph.nodes if n.op == "call_function"]
     assert sum("dequantize_per_channel" in t for t in targets) >= 8  # stem, 6 qkv projections, head
-    assert any("softmax" in t for t in targets)
+    # the attention core (logits, softmax, weighted sum) is one fp32 node per SA layer
+    cores = [n for n in pt2e.program.graph.nodes if n.target == torch.ops.monai_qsa.local_attention.default]
+    assert len(cores) == sum(isinstance(m, StandAloneSelfAttention) for m in net.modules())
+    assert all(arg.meta["val"].dtype == torch.float32 for core in cores for arg in core.args[:2])  # projection, table
     # no fp32 copy of a quantized weight survives conversion
     assert not [name for name, _ in pt2e.named_parameters() if name.endswith("qkv.weight")]
 

@@ -80,12 +80,15 @@ def export_for_quantization(model: nn.Module, example_inputs: tuple) -> torch.ex
     """
     # torch.export specialises dimensions of size 1, so a batch of one would fix the batch size: export on two
     example_inputs = tuple(x.repeat(2, *[1] * (x.ndim - 1)) if _is_image(x) and x.shape[0] == 1 else x for x in example_inputs)
+    # without gradients, as inference runs: SA layers then capture their fused attention operator
     try:
-        return torch.export.export(model, example_inputs, dynamic_shapes=_input_dynamic_shapes(example_inputs))
+        with torch.no_grad():
+            return torch.export.export(model, example_inputs, dynamic_shapes=_input_dynamic_shapes(example_inputs))
     except Exception as error:
         any_size_error = error
     try:
-        program = torch.export.export(model, example_inputs, dynamic_shapes=_input_dynamic_shapes(example_inputs, spatial=False))
+        with torch.no_grad():
+            program = torch.export.export(model, example_inputs, dynamic_shapes=_input_dynamic_shapes(example_inputs, spatial=False))
     except Exception:
         raise ValueError(
             f"{type(model).__name__} cannot be captured by torch.export, which the x86_inductor backend needs: "

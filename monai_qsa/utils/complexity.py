@@ -26,12 +26,14 @@ def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def _attention_macs(module: StandAloneSelfAttention, inputs: tuple, _output) -> None:
-    """Forward hook adding the multiply-accumulates of the local attention, which run as element-wise
-    products and sums that ``FlopCounterMode`` does not see: ``q . k_o`` and ``attn_o * v_o`` for each of the
-    ``k^d`` offsets, per output channel and position."""
+    """Forward hook adding the multiply-accumulates of the neighbourhood attention, which runs in a fused kernel
+    (or as element-wise products and sums) that ``FlopCounterMode`` does not see: ``q . k_o`` and
+    ``attn_o * v_o`` for each of the ``k^d`` offsets, plus the factorised relative logits (``k`` embeddings per
+    axis, each over that axis' share of the head channels), per output channel and position."""
     x = inputs[0]
     positions = x.shape[0] * x[0, 0].numel()
-    module._counted_macs += 2 * positions * module.out_channels * module.kernel_size**module.spatial_dims
+    offsets = module.kernel_size**module.spatial_dims
+    module._counted_macs += positions * module.out_channels * (2 * offsets + module.kernel_size)
 
 
 def count_flops(model: nn.Module, example_input: torch.Tensor | Sequence[torch.Tensor]) -> int:
@@ -40,7 +42,7 @@ def count_flops(model: nn.Module, example_input: torch.Tensor | Sequence[torch.T
 
     Convolutions, linear layers and matrix products are counted by :class:`torch.utils.flop_counter.FlopCounterMode`;
     the neighbourhood attention of :class:`StandAloneSelfAttention`, computed element-wise, is added analytically
-    (``2 * k^d * out_channels`` MACs per position). Normalisation, activations, softmax and pooling are not
+    (``(2 * k^d + k) * out_channels`` MACs per position). Normalisation, activations, softmax and pooling are not
     counted, for any model, so CNNs and SA networks are compared on the same terms.
 
     Args:

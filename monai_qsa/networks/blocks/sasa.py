@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import torch
-import torch.nn.functional as F
 from monai.networks.layers.factories import Conv, Pool
 from torch import nn
+
+from monai_qsa.networks.blocks.local_attention import local_attention_reference, relative_position_table
 
 __all__ = ["StandAloneSelfAttention"]
 
@@ -24,8 +24,10 @@ class StandAloneSelfAttention(nn.Module):
     ``spatial_dims`` groups and ``r_o`` is the concatenation of one learned embedding per axis offset
     (row and column in 2D, plus depth in 3D). Neighbours outside the image are excluded from the softmax.
 
-    The layer never materialises ``k^d`` copies of the keys or values: it loops over the offsets, reading
-    shifted views of the padded keys/values, and keeps only the ``(B, heads, k^d, *spatial)`` logits.
+    The layer never materialises ``k^d`` copies of the keys or values. Inference (no gradient needed, no
+    attention requested) runs the fused kernel ``torch.ops.monai_qsa.local_attention``, which never materialises
+    the ``(B, heads, k^d, *spatial)`` logits either; training and attention maps run the differentiable
+    :func:`~monai_qsa.networks.blocks.local_attention.local_attention_reference`.
     When ``stride > 1`` the attention output is average-pooled, as in the paper.
 
     Args:
@@ -102,88 +104,6 @@ class StandAloneSelfAttention(nn.Module):
             [nn.Parameter(torch.randn(kernel_size, channels) * channels**-0.5) for channels in self.axis_channels]
         )
         self.pool = Pool[Pool.AVG, spatial_dims](kernel_size=stride, stride=stride) if stride > 1 else nn.Identity()
-        self.offsets = list(itertools.product(range(kernel_size), repeat=spatial_dims))
-
-    def _window(self, offset: tuple[int, ...], spatial: tuple) -> tuple[slice, ...]:
-        """Index selecting, from a padded tensor, the neighbours at ``offset`` of every position."""
-        return (Ellipsis,) + tuple(
-            slice(i * self.dilation, i * self.dilation + size) for i, size in zip(offset, spatial)
-        )
-
-    def _relative_logits(self, q: torch.Tensor, offsets_last: bool) -> torch.Tensor:
-        """Relative-position logits ``q . r_o`` of every offset.
-
-        Args:
-            q: scaled queries, shape ``(B, heads, d_head, *S)``.
-            offsets_last: layout of the result: ``(B, heads, *S, k^d)`` if True, else ``(B, heads, k^d, *S)``.
-        """
-        k, dims = self.kernel_size, self.spatial_dims
-        total = None
-        for axis, q_axis in enumerate(torch.split(q, self.axis_channels, dim=2)):
-            # (B, heads, c_axis, *S) x (k, c_axis) -> (B, heads, *S, k)
-            logits = torch.einsum("bhc...,kc->bh...k", q_axis, self.rel_pos[axis])
-            # broadcastable (B, heads, *S, 1.., k, ..1): this axis' offset index in offset position `axis`
-            view = [1] * dims
-            view[axis] = k
-            logits = logits.reshape(logits.shape[:-1] + tuple(view))
-            total = logits if total is None else total + logits
-        total = total.flatten(-dims)  # (B, heads, *S, k^d), offsets in itertools.product order
-        return total if offsets_last else total.movedim(-1, 2)
-
-    def _attend_looped(
-        self, q: torch.Tensor, k_pad: torch.Tensor, v_pad: torch.Tensor, inside: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eager path: one offset at a time, reading shifted views of the padded keys and values.
-
-        Args:
-            q: scaled queries ``(B, heads, d_head, *S)``.
-            k_pad: zero-padded keys ``(B, heads, d_head, *(S + 2p))``.
-            v_pad: zero-padded values, same shape as ``k_pad``.
-            inside: ``(1, 1, *(S + 2p))``, True on the image and False on the padding.
-
-        Returns:
-            the output ``(B, heads, d_head, *S)`` and the attention ``(B, heads, k^d, *S)``.
-        """
-        spatial = tuple(q.shape[3:])
-        windows = [self._window(offset, spatial) for offset in self.offsets]
-        logits = torch.stack([(q * k_pad[w]).sum(2) for w in windows], dim=2)
-        logits = logits + self._relative_logits(q, offsets_last=False)
-        valid = torch.stack([inside[w] for w in windows], dim=2)  # (1, 1, k^d, *S)
-        attn = logits.masked_fill(~valid, float("-inf")).softmax(dim=2)
-        out = None
-        for index, w in enumerate(windows):
-            term = attn[:, :, index : index + 1] * v_pad[w]  # (B, heads, 1, *S) * (B, heads, d_head, *S)
-            out = term if out is None else out + term
-        return out, attn
-
-    def _sliding_windows(self, padded: torch.Tensor) -> torch.Tensor:
-        """A strided view ``(..., *[k] * d, *S)`` of every neighbourhood of a padded tensor; copies nothing."""
-        dims, span = self.spatial_dims, self.dilation * (self.kernel_size - 1) + 1
-        for axis in range(padded.ndim - dims, padded.ndim):
-            padded = padded.unfold(axis, span, 1)  # appends a window axis of size `span`
-        if self.dilation > 1:
-            padded = padded[(Ellipsis,) + (slice(None, None, self.dilation),) * dims]
-        # (..., *S, *k) -> (..., *k, *S): positions innermost, so fused loops vectorise along the image rows
-        return padded.movedim(tuple(range(-2 * dims, -dims)), tuple(range(-dims, 0)))
-
-    def _attend_windowed(
-        self, q: torch.Tensor, k_pad: torch.Tensor, v_pad: torch.Tensor, inside: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Traced path (``torch.compile``/``torch.export``): the function of ``_attend_looped`` written over
-        sliding-window views, which Inductor fuses into reductions that never materialise the windows.
-        Arguments and results as in ``_attend_looped``.
-        """
-        dims = self.spatial_dims
-        k_windows = self._sliding_windows(k_pad)  # (B, heads, d_head, *k, *S)
-        # (B, heads, d_head, 1.., *S) * (B, heads, d_head, *k, *S), summed over d_head -> (B, heads, k^d, *S)
-        logits = (q.unflatten(2, (-1,) + (1,) * dims) * k_windows).sum(2).flatten(2, 1 + dims)
-        logits = logits + self._relative_logits(q, offsets_last=False)
-        valid = self._sliding_windows(inside).flatten(2, 1 + dims)  # (1, 1, k^d, *S)
-        attn = logits.masked_fill(~valid, float("-inf")).softmax(dim=2)
-        # (B, heads, 1, *k, *S) * (B, heads, d_head, *k, *S), summed over the offsets -> (B, heads, d_head, *S)
-        weights = attn.unflatten(2, (self.kernel_size,) * dims).unsqueeze(2)
-        out = (weights * self._sliding_windows(v_pad)).sum(tuple(range(3, 3 + dims)))
-        return out, attn
 
     def forward(
         self, x: torch.Tensor, return_attention: bool = False
@@ -204,20 +124,14 @@ class StandAloneSelfAttention(nn.Module):
                 f"got shape {tuple(x.shape)}."
             )
         batch, spatial = x.shape[0], tuple(x.shape[2:])
-        heads, d_head = self.num_heads, self.head_channels
-        # (B, 3 * C_out, *S) -> three of (B, heads, d_head, *S)
-        q, k, v = self.qkv(x).contiguous().reshape((batch, 3, heads, d_head) + spatial).unbind(1)
-        q = q * self.scale
-        pad = [self.padding] * (2 * self.spatial_dims)
-        k_pad, v_pad = F.pad(k, pad), F.pad(v, pad)  # (B, heads, d_head, *(S + 2p))
-        inside = F.pad(torch.ones((1, 1) + spatial, dtype=torch.bool, device=x.device), pad)  # (1, 1, *(S + 2p))
-
-        # Eager runs loop over offsets (memory-light); traced graphs use strided window views, which
-        # Inductor fuses into single reductions that never materialise them. Both compute the same function.
-        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
-            out, attn = self._attend_windowed(q, k_pad, v_pad, inside)
-        else:
-            out, attn = self._attend_looped(q, k_pad, v_pad, inside)
+        # (B, 3 * C_out, *S) -> (B, 3, heads, d_head, *S): queries, keys and values of every head
+        qkv = self.qkv(x).reshape((batch, 3, self.num_heads, self.head_channels) + spatial)
+        table = relative_position_table(list(self.rel_pos), self.axis_channels)
+        needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if return_attention or needs_grad:
+            out, attn = local_attention_reference(qkv, table, self.kernel_size, self.dilation, self.scale)
+        else:  # inference: the fused kernel
+            out = torch.ops.monai_qsa.local_attention(qkv, table, self.kernel_size, self.dilation, self.scale)
         out = self.pool(out.reshape((batch, self.out_channels) + spatial))
         if return_attention:
             return out, attn
