@@ -33,16 +33,17 @@ REPO = Path(__file__).resolve().parents[1]
 
 def prepare_bundle(root: Path) -> Path:
     bundle = root / "sa_seg3d"
-    shutil.copytree(REPO / "bundles" / "sa_seg3d", bundle, ignore=shutil.ignore_patterns("logs", "eval", "data", "predictions"))
+    # models written afresh by this version of the code (throughput does not depend on training); a local
+    # bundles/sa_seg3d/models may hold artifacts of older versions
+    shutil.copytree(REPO / "bundles" / "sa_seg3d", bundle, ignore=shutil.ignore_patterns("models", "logs", "eval", "data", "predictions"))
     models = bundle / "models"
-    if not (models / "model.pt").is_file() or not (models / "model_int8.pt2").is_file():
-        models.mkdir(exist_ok=True)
-        parser = ConfigParser()
-        parser.read_config(str(bundle / "configs" / "inference.json"))
-        network = parser.get_parsed_content("network_def").eval()
-        torch.save(network.state_dict(), models / "model.pt")
-        example = torch.rand(2, 1, 48, 48, 48)
-        save_quantized(models / "model_int8.pt2", quantize_ptq(network, [example], example), example)
+    models.mkdir()
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    network = parser.get_parsed_content("network_def").eval()
+    torch.save(network.state_dict(), models / "model.pt")
+    example = torch.rand(2, 1, 48, 48, 48)
+    save_quantized(models / "model_int8.pt2", quantize_ptq(network, [example], example), example)
     return bundle
 
 

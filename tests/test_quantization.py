@@ -108,6 +108,25 @@ def test_artifact_size_of_default_saunet(tmp_path):
         assert (qmodel(x) - net(x)).norm() / net(x).norm() < 0.1
 
 
+def test_3d_convolutions_int8_in_storage_and_in_eager_arithmetic(tmp_path, caplog):
+    # the sa_seg3d network: Inductor has no int8 3D convolution, so x86_inductor stores its weights in int8 (and
+    # says so); x86_eager computes them in int8
+    net = SAUNet(spatial_dims=3, in_channels=1, out_channels=2, features=(8, 16, 32, 64), kernel_size=3, num_heads=2).eval()
+    x = torch.randn(2, 1, 16, 16, 16)
+    with caplog.at_level("WARNING", logger="monai_qsa.quantization.ptq"):
+        qmodel = quantize_ptq(net, [x], x)
+    assert "3D convolutions are stored in int8 but computed in fp32" in caplog.text
+    assert not [name for name, p in qmodel.named_parameters() if p.dtype == torch.float32 and p.ndim == 5]
+    path = save_quantized(tmp_path / "model_int8.pt2", qmodel, x)
+    assert serialized_size(path) <= 0.35 * serialized_size(net)
+    with torch.no_grad():
+        reference = net(x)
+        assert (qmodel(x) - reference).norm() / reference.norm() < 0.05
+        eager = quantize_ptq(net, [x], x, backend="x86_eager")
+        assert "quantized" in type(eager.encoder[0][0].attn.qkv.module).__module__
+        assert (eager(x) - reference).norm() / reference.norm() < 0.1
+
+
 def test_monai_cnn_and_classifier_quantize():
     cnn = BasicUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(4, 4, 8, 8, 16, 4)).eval()
     x = torch.randn(2, 1, 32, 32)

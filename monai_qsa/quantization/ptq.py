@@ -124,32 +124,49 @@ class InferenceGraph(nn.Module):
         return self.program(*args)
 
 
-def _int8_transposed_conv_weights(graph_module: torch.fx.GraphModule) -> None:
-    """Store the weights of transposed convolutions, which ``X86InductorQuantizer`` leaves fp32, as per-channel
-    int8 dequantised inside the graph (weight-only quantisation: the arithmetic stays fp32, the file shrinks 4x,
-    and Inductor folds the dequantisation into a constant when freezing)."""
+#: convolutions that ``X86InductorQuantizer`` leaves fp32, with the weight axis of their output channels:
+#: transposed convolutions (U-Net upsampling) and 3D convolutions (Inductor lowers int8 convolutions in 2D only)
+_WEIGHT_ONLY_CONVOLUTIONS = {
+    torch.ops.aten.conv_transpose2d.input: 1,
+    torch.ops.aten.conv_transpose3d.input: 1,
+    torch.ops.aten.conv3d.default: 0,
+}
+
+
+def _weight_only_int8_convolutions(graph_module: torch.fx.GraphModule) -> int:
+    """Store the weights of the convolutions ``X86InductorQuantizer`` leaves fp32 (see
+    ``_WEIGHT_ONLY_CONVOLUTIONS``) as per-channel int8 dequantised inside the graph: weight-only quantisation, the
+    arithmetic stays fp32, the file shrinks 4x, and Inductor folds the dequantisation into a constant when freezing.
+
+    Returns:
+        the number of 3D (non-transposed) convolutions so stored.
+    """
     dequantize = torch.ops.quantized_decomposed.dequantize_per_channel.default
-    transposed = (torch.ops.aten.conv_transpose2d.input, torch.ops.aten.conv_transpose3d.input)
+    weight_only_3d = 0
     for node in list(graph_module.graph.nodes):
-        if node.target not in transposed or node.args[1].op != "get_attr" or (node.args[6:7] or [1])[0] != 1:
-            continue  # not a transposed convolution with stored weights, or a grouped one (kept fp32)
-        if any((node.args[5:6] or [[0]])[0]):
+        axis = _WEIGHT_ONLY_CONVOLUTIONS.get(node.target)
+        if axis is None or node.args[1].op != "get_attr" or (node.args[6:7] or [1])[0] != 1:
+            continue  # not such a convolution with stored weights, or a grouped one (kept fp32)
+        if axis == 1 and any((node.args[5:6] or [[0]])[0]):
             continue  # output_padding (MONAI UNet's up-sampling): Inductor's int8 weight lowering fails on it, kept fp32
         weight_node = node.args[1]
-        weight = operator.attrgetter(weight_node.target)(graph_module).detach()  # (in, out, *kernel): out on axis 1
-        reduce_dims = [d for d in range(weight.ndim) if d != 1]
+        weight = operator.attrgetter(weight_node.target)(graph_module).detach()
+        reduce_dims = [d for d in range(weight.ndim) if d != axis]
         scale = (weight.abs().amax(dim=reduce_dims) / 127).clamp_min(1e-12)
-        shape = [1, -1] + [1] * (weight.ndim - 2)
+        shape = [1] * weight.ndim
+        shape[axis] = -1
         int8 = (weight / scale.reshape(shape)).round().clamp(-128, 127).to(torch.int8)
         prefix = weight_node.target.replace(".", "_")
         for suffix, tensor in (("int8", int8), ("scale", scale), ("zero_point", torch.zeros_like(scale, dtype=torch.int64))):
             graph_module.register_buffer(f"{prefix}_{suffix}", tensor)
         with graph_module.graph.inserting_before(node):
             inputs = [graph_module.graph.get_attr(f"{prefix}_{suffix}") for suffix in ("int8", "scale", "zero_point")]
-            dequantized = graph_module.graph.call_function(dequantize, (*inputs, 1, -128, 127, torch.int8))
+            dequantized = graph_module.graph.call_function(dequantize, (*inputs, axis, -128, 127, torch.int8))
         node.replace_input_with(weight_node, dequantized)
+        weight_only_3d += axis == 0
     graph_module.graph.eliminate_dead_code()
     graph_module.recompile()
+    return weight_only_3d
 
 
 def _quantize_pt2e(model: nn.Module, batches: Iterator[torch.Tensor], example_inputs: tuple, inferer: Callable | None) -> nn.Module:
@@ -168,7 +185,11 @@ def _quantize_pt2e(model: nn.Module, batches: Iterator[torch.Tensor], example_in
         prepared = prepare_pt2e(graph_module, quantizer)
     _calibrate(prepared, batches, inferer)
     converted = convert_pt2e(prepared)
-    _int8_transposed_conv_weights(converted)
+    if _weight_only_int8_convolutions(converted):
+        logger.warning(
+            "x86_inductor: 3D convolutions are stored in int8 but computed in fp32 (Inductor lowers int8 convolutions "
+            "in 2D only); backend='x86_eager' computes them in int8."
+        )
     _drop_unused_tensors(converted)
     return InferenceGraph(converted, "x86_inductor")
 
