@@ -170,3 +170,17 @@ def test_any_memory_layout_of_the_projection(dims):
         else:
             expected_here = expected
         torch.testing.assert_close(torch.ops.monai_qsa.local_attention(qkv, table, 5, 1, 0.5), expected_here, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_damaged_cached_kernel_falls_back(monkeypatch, tmp_path, fresh_kernel_lookup, layer_and_input):
+    built = tmp_path / "built"
+    monkeypatch.setenv("MONAI_QSA_CACHE_DIR", str(built))
+    assert fused_kernel_available()
+    # a damaged file under the kernel's cache name, in a cache this process has not loaded from
+    damaged = tmp_path / "damaged" / "kernels" / next((built / "kernels").glob("*.so")).name
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(b"not a shared library")
+    monkeypatch.setenv("MONAI_QSA_CACHE_DIR", str(tmp_path / "damaged"))
+    _kernels.cache_clear()
+    caught = inference_warnings(*layer_and_input)
+    assert len(caught) == 1 and "Could not load" in caught[0] and damaged.name in caught[0]

@@ -180,7 +180,16 @@ def _kernels() -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr] | None:
     library = cache / f"local_attention_{key}.so"
     if not library.exists() and not _build(library):
         return None
-    library = ctypes.CDLL(str(library))
+    try:
+        library = ctypes.CDLL(str(library))
+    except OSError as error:  # e.g. a damaged cache file
+        warnings.warn(
+            f"Could not load {library} ({error}); SA layers run their attention in PyTorch operations. Delete the "
+            "file to rebuild the kernel.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
     attend, split_and_pad = library.monai_qsa_local_attention, library.monai_qsa_split_and_pad
     attend.restype, split_and_pad.restype = ctypes.c_int, None
     attend.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_int] * 5
