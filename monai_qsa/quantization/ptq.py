@@ -71,6 +71,7 @@ def _first_line(error: Exception) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
 
 
+@torch.no_grad()  # as inference runs: SA layers then capture their fused attention operator
 def export_for_quantization(model: nn.Module, example_inputs: tuple) -> torch.export.ExportedProgram:
     """``torch.export`` with batch and spatial sizes left dynamic; a clear error when the model cannot be exported.
 
@@ -80,15 +81,12 @@ def export_for_quantization(model: nn.Module, example_inputs: tuple) -> torch.ex
     """
     # torch.export specialises dimensions of size 1, so a batch of one would fix the batch size: export on two
     example_inputs = tuple(x.repeat(2, *[1] * (x.ndim - 1)) if _is_image(x) and x.shape[0] == 1 else x for x in example_inputs)
-    # without gradients, as inference runs: SA layers then capture their fused attention operator
     try:
-        with torch.no_grad():
-            return torch.export.export(model, example_inputs, dynamic_shapes=_input_dynamic_shapes(example_inputs))
+        return torch.export.export(model, example_inputs, dynamic_shapes=_input_dynamic_shapes(example_inputs))
     except Exception as error:
         any_size_error = error
     try:
-        with torch.no_grad():
-            program = torch.export.export(model, example_inputs, dynamic_shapes=_input_dynamic_shapes(example_inputs, spatial=False))
+        program = torch.export.export(model, example_inputs, dynamic_shapes=_input_dynamic_shapes(example_inputs, spatial=False))
     except Exception:
         raise ValueError(
             f"{type(model).__name__} cannot be captured by torch.export, which the x86_inductor backend needs: "

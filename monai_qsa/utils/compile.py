@@ -9,16 +9,22 @@ import warnings
 import torch
 from torch import nn
 
-__all__ = ["compile_for_cpu", "CPU_COMPILE_OPTIONS", "CompiledForCPU", "has_cpp_compiler", "run_mode"]
+__all__ = ["compile_for_cpu", "CPU_COMPILE_OPTIONS", "CompiledForCPU", "find_compiler", "has_cpp_compiler", "run_mode"]
 
-# Inductor's layout optimisation turns convolution outputs channels-last, which makes the attention kernels
-# read each head's channels with a large stride and vectorise badly (about 2x slower on AVX2).
+# Inductor's layout optimisation turns fp32 convolution outputs channels-last: the fused attention kernel then needs
+# a layout pass over every projection, and the PyTorch attention path reads each head's channels with a large stride
+# and vectorises badly (about 2x slower)
 CPU_COMPILE_OPTIONS = {"layout_optimization": False}
+
+
+def find_compiler(env_var: str, names: tuple[str, ...]) -> str | None:
+    """Path of the compiler named by ``$env_var``, else of the first of ``names`` on PATH; None if there is none."""
+    return next((path for name in (os.environ.get(env_var), *names) if name and (path := shutil.which(name))), None)
 
 
 def has_cpp_compiler() -> bool:
     """Whether Inductor's CPU backend can find a C++ compiler."""
-    return any(shutil.which(name) for name in (os.environ.get("CXX", ""), "g++", "c++", "clang++") if name)
+    return find_compiler("CXX", ("g++", "c++", "clang++")) is not None
 
 
 class CompiledForCPU(nn.Module):

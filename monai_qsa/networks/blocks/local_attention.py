@@ -20,7 +20,6 @@ import hashlib
 import itertools
 import os
 import platform
-import shutil
 import subprocess
 import tempfile
 import warnings
@@ -29,10 +28,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-__all__ = ["local_attention_reference", "fused_kernel_available", "relative_logits", "relative_position_table"]
+__all__ = [
+    "local_attention_reference",
+    "fused_kernel_available",
+    "neighbourhood_padding",
+    "relative_logits",
+    "relative_position_table",
+]
 
 _SOURCE = Path(__file__).with_name("local_attention.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+
+
+def neighbourhood_padding(kernel_size: int, dilation: int) -> int:
+    """Zero padding per side that gives every position its full (dilated) neighbourhood."""
+    return dilation * (kernel_size - 1) // 2
 
 
 def relative_position_table(rel_pos: list[torch.Tensor], axis_channels: list[int]) -> torch.Tensor:
@@ -77,7 +87,7 @@ def _sliding_windows(padded: torch.Tensor, dims: int, kernel_size: int, dilation
 def _split_and_pad(qkv: torch.Tensor, kernel_size: int, dilation: int, scale: float) -> tuple[torch.Tensor, ...]:
     """Scaled queries ``(B, heads, d_head, *S)`` and keys/values zero-padded by ``dilation * (k - 1) // 2``."""
     q, k, v = qkv.unbind(1)
-    pad = [dilation * (kernel_size - 1) // 2] * (2 * (qkv.ndim - 4))
+    pad = [neighbourhood_padding(kernel_size, dilation)] * (2 * (qkv.ndim - 4))
     return q * scale, F.pad(k, pad), F.pad(v, pad)
 
 
@@ -101,7 +111,7 @@ def local_attention_reference(
     """
     q, k_pad, v_pad = _split_and_pad(qkv, kernel_size, dilation, scale)
     dims, spatial = table.shape[0], tuple(q.shape[3:])
-    pad = [dilation * (kernel_size - 1) // 2] * (2 * dims)
+    pad = [neighbourhood_padding(kernel_size, dilation)] * (2 * dims)
     inside = F.pad(torch.ones((1, 1) + spatial, dtype=torch.bool, device=q.device), pad)  # False on the padding
     relative = relative_logits(q, table)
     if torch.compiler.is_compiling() or torch.compiler.is_exporting():
@@ -136,13 +146,11 @@ def _cpu_signature() -> str:
     return platform.machine() + "".join(sorted({line for line in lines if line.startswith(("model name", "flags"))}))
 
 
-def _compiler() -> str | None:
-    return next((path for name in (os.environ.get("CC"), "cc", "gcc", "clang") if name and (path := shutil.which(name))), None)
-
-
 def _build(library: Path) -> bool:
     """Compile the kernel into ``library``; False (with one warning) without a working C compiler."""
-    compiler = _compiler()
+    from monai_qsa.utils.compile import find_compiler  # not at module level: monai_qsa.utils imports this module
+
+    compiler = find_compiler("CC", ("cc", "gcc", "clang"))
     if compiler is None:
         warnings.warn(
             "No C compiler found ($CC, cc, gcc, clang): SA layers run their attention in PyTorch operations, "
@@ -223,7 +231,7 @@ def local_attention(qkv: torch.Tensor, table: torch.Tensor, kernel_size: int, di
     if qkv.stride(2) != head_channels * qkv.stride(3):  # heads and their channels not one evenly strided axis
         qkv = qkv.contiguous()
     depth, height, width = ([1] + spatial) if dims == 2 else spatial
-    half = dilation * (kernel_size - 1) // 2
+    half = neighbourhood_padding(kernel_size, dilation)
     pad_z = 0 if dims == 2 else half
     q = qkv.new_empty((batch, heads, head_channels, *spatial))
     k_pad = qkv.new_zeros((batch, heads, head_channels, depth + 2 * pad_z, height + 2 * half, width + 2 * half))

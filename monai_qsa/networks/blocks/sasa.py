@@ -8,7 +8,7 @@ import torch
 from monai.networks.layers.factories import Conv, Pool
 from torch import nn
 
-from monai_qsa.networks.blocks.local_attention import local_attention_reference, relative_position_table
+from monai_qsa.networks.blocks.local_attention import local_attention_reference, neighbourhood_padding, relative_position_table
 
 __all__ = ["StandAloneSelfAttention"]
 
@@ -94,7 +94,7 @@ class StandAloneSelfAttention(nn.Module):
         self.stride = stride
         self.dilation = dilation
         self.scale = 1.0 / math.sqrt(head_channels)
-        self.padding = dilation * (kernel_size - 1) // 2
+        self.padding = neighbourhood_padding(kernel_size, dilation)
         # channels of each head given to each axis' relative embedding, as even as possible (paper: d/2 in 2D)
         base, extra = divmod(head_channels, spatial_dims)
         self.axis_channels = [base + (1 if axis < extra else 0) for axis in range(spatial_dims)]
