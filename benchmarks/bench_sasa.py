@@ -1,27 +1,37 @@
-"""SASA layer speed and memory: the layer as it runs inference (fused C kernel), its PyTorch-operations path (what
-training runs, and inference without a C compiler), an unfold (im2col) implementation of the same function, and
-the dense convolution it replaces; one thread, eager and compiled. Prints medians and ratios measured in this
-run.
+"""SASA layer speed and memory.
 
-    python benchmarks/bench_sasa.py [--repeats 5]
+Inference: the layer as it runs inference (fused C kernel), its PyTorch-operations path (what runs without a C
+compiler, and for attention maps), an unfold (im2col) implementation of the same function, and the dense
+convolution it replaces; one thread, eager and compiled.
+
+Training: one step (forward, backward of a mean-square loss) of the layer (fused C kernel and its backward pass),
+of its PyTorch-operations path and of the dense convolutions it replaces, and of the sa_seg-sized SAUNet against
+MONAI's UNet with the same channels; 1 and 2 threads.
+
+Prints medians and ratios measured in this run.
+
+    python benchmarks/bench_sasa.py [--repeats 5] [--part all|inference|training]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
 import torch
 import torch.nn.functional as F
+from monai.networks.nets import UNet
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import median_seconds, peak_memory_bytes  # noqa: E402
+from common import median_seconds, peak_memory_bytes
 
-from monai_qsa.networks.blocks import StandAloneSelfAttention  # noqa: E402
-from monai_qsa.networks.blocks.local_attention import relative_logits, relative_position_table  # noqa: E402
-from monai_qsa.utils.compile import compile_for_cpu  # noqa: E402
-from monai_qsa.utils.complexity import count_flops  # noqa: E402
+from monai_qsa.networks.blocks import StandAloneSelfAttention
+from monai_qsa.networks.blocks.local_attention import relative_logits, relative_position_table
+from monai_qsa.networks.nets import SAUNet
+from monai_qsa.utils.compile import compile_for_cpu
+from monai_qsa.utils.complexity import count_flops
 
 
 class UnfoldSASA(torch.nn.Module):
@@ -48,7 +58,8 @@ class UnfoldSASA(torch.nn.Module):
 
         keys, values = im2col(key), im2col(v)
         inside = im2col(torch.ones((1, 1, 1) + spatial).expand(batch, heads, 1, *spatial))[:, :, 0] > 0
-        rel = relative_logits(q, relative_position_table(list(layer.rel_pos), layer.axis_channels)).flatten(3)  # (B, heads, k^d, N)
+        table = relative_position_table(list(layer.rel_pos), layer.axis_channels)
+        rel = relative_logits(q, table).flatten(3)  # (B, heads, k^d, N)
         logits = torch.einsum("bhdn,bhdkn->bhkn", q.flatten(3), keys) + rel
         attn = logits.masked_fill(~inside, float("-inf")).softmax(2)
         out = torch.einsum("bhkn,bhdkn->bhdn", attn, values)
@@ -66,14 +77,11 @@ class PyTorchPathSASA(torch.nn.Module):
         return self.layer(x, return_attention=True)[0]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
+def inference_benchmarks(repeats: int) -> None:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     cases = [(2, 64, (128, 128), 7), (3, 32, (32, 32, 32), 5)]
-    print(f"torch {torch.__version__}, 1 thread, median of {args.repeats}; peak = extra resident memory of one call")
+    print(f"Inference: torch {torch.__version__}, 1 thread, median of {repeats}; peak = extra memory of one call")
     print(f"{'case':28s} {'impl':14s} {'mode':8s} {'median ms':>10s} {'peak MiB':>9s} {'GMAC':>7s}")
     for dims, channels, spatial, k in cases:
         x = torch.randn((1, channels) + spatial)
@@ -92,10 +100,10 @@ def main() -> None:
             for name, module in impls.items():
                 macs = count_flops(module if name == "dense-conv" else sasa, x) / 1e9
                 for mode in ("eager", "compiled"):
-                    fn = module if mode == "eager" else compile_for_cpu(module)
-                    fn(x)  # compile / warm up
-                    seconds = median_seconds(lambda: fn(x), repeats=args.repeats)
-                    peak = peak_memory_bytes(lambda: fn(x)) / 2**20
+                    call = functools.partial(module if mode == "eager" else compile_for_cpu(module), x)
+                    call()  # compile / warm up
+                    seconds = median_seconds(call, repeats=repeats)
+                    peak = peak_memory_bytes(call) / 2**20
                     results[name, mode] = seconds
                     label = f"{dims}D 1x{channels}x{'x'.join(map(str, spatial))} k={k}"
                     print(f"{label:28s} {name:14s} {mode:8s} {seconds * 1e3:10.1f} {peak:9.1f} {macs:7.2f}")
@@ -105,6 +113,73 @@ def main() -> None:
                 f"unfold/sasa = {results['unfold-sasa', mode] / results['sasa', mode]:.2f}x, "
                 f"conv/sasa = {results['dense-conv', mode] / results['sasa', mode]:.2f}x"
             )
+
+
+def training_step(module: torch.nn.Module, x: torch.Tensor):
+    """One training step of ``module`` on ``x`` (forward, mean-square loss, backward), as a callable."""
+
+    def step() -> None:
+        module.zero_grad(set_to_none=True)
+        module(x).square().mean().backward()
+
+    return step
+
+
+def training_cases() -> dict[str, tuple[torch.Tensor, dict[str, torch.nn.Module], str]]:
+    """Per case: the input, the modules to time and the name of the baseline the ratios are taken against."""
+    torch.manual_seed(0)
+    sasa_2d = StandAloneSelfAttention(2, 64, 64, kernel_size=7, num_heads=8)
+    sasa_3d = StandAloneSelfAttention(3, 32, 32, kernel_size=5, num_heads=8)
+    features = (16, 32, 64, 128)  # the sa_seg bundle's network
+    return {
+        "2D 2x64x64x64 k=7": (
+            torch.randn(2, 64, 64, 64),
+            {
+                "sasa": sasa_2d,
+                "sasa-pytorch": PyTorchPathSASA(sasa_2d),
+                "conv 7x7": torch.nn.Conv2d(64, 64, 7, padding=3),
+                "conv 3x3": torch.nn.Conv2d(64, 64, 3, padding=1),
+            },
+            "conv 7x7",
+        ),
+        "3D 1x32x32x32x32 k=5": (
+            torch.randn(1, 32, 32, 32, 32),
+            # no PyTorch-path row: about 20 s per step on one thread
+            {"sasa": sasa_3d, "conv 5x5x5": torch.nn.Conv3d(32, 32, 5, padding=2)},
+            "conv 5x5x5",
+        ),
+        "sa_seg SAUNet 4x1x64x64": (
+            torch.randn(4, 1, 64, 64),
+            {
+                "SAUNet k=5": SAUNet(2, 1, 2, features=features, kernel_size=5, num_heads=4),
+                "MONAI UNet": UNet(2, 1, 2, channels=features, strides=(2, 2, 2)),
+            },
+            "MONAI UNet",
+        ),
+    }
+
+
+def training_benchmarks(repeats: int) -> None:
+    print(f"Training step (forward + backward), torch {torch.__version__}, eager, median of {repeats}")
+    print(f"{'case':26s} {'impl':14s} {'threads':>7s} {'median ms':>10s} {'/ baseline':>10s}")
+    for label, (x, modules, baseline) in training_cases().items():
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            medians = {name: median_seconds(training_step(module, x), repeats) for name, module in modules.items()}
+            for name, seconds in medians.items():
+                ratio = seconds / medians[baseline]
+                print(f"{label:26s} {name:14s} {threads:7d} {seconds * 1e3:10.1f} {ratio:9.2f}x")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--part", choices=("all", "inference", "training"), default="all")
+    args = parser.parse_args()
+    if args.part in ("all", "inference"):
+        inference_benchmarks(args.repeats)
+    if args.part in ("all", "training"):
+        training_benchmarks(args.repeats)
 
 
 if __name__ == "__main__":

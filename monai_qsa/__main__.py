@@ -10,9 +10,16 @@ __all__ = ["main"]
 
 
 def _infer(args: argparse.Namespace) -> int:
-    from monai_qsa.inference.batch import run_batch_inference
+    from monai_qsa.inference.batch import OutputFolderError, run_batch_inference
 
-    return run_batch_inference(args.bundle, args.input, args.output, int8=args.int8, recursive=args.recursive, overwrite=args.overwrite, device=args.device)
+    try:
+        return run_batch_inference(
+            args.bundle, args.input, args.output, int8=args.int8, recursive=args.recursive, overwrite=args.overwrite,
+            device=args.device,
+        )
+    except OutputFolderError as error:  # an OSError, but a setup error of this run: exit 2 like the others
+        print(f"error: {error}", file=sys.stderr)
+        return 2
 
 
 def _explain(args: argparse.Namespace) -> int:
@@ -58,9 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a bundle over a folder of images",
         description="Run a bundle's inference over every file of a folder, one case in memory at a time. Segmentation "
         "writes <name>_seg.nii.gz in the input's geometry, classification one row per image in probabilities.csv; "
-        "each run writes inference_summary_<time>.csv (status, reason, output, latency, energy per file). Existing "
-        "outputs are skipped unless --overwrite. Exit status 1 if any file failed. Under torchrun the files are "
-        "split between ranks.",
+        "each run writes inference_summary_<time>.csv listing every entry of the folder (status ok, skipped, failed "
+        "or ignored, reason, output, latency, energy). Existing outputs are skipped unless --overwrite, and the model "
+        "is loaded only if something is left to do. Concurrent runs into one --output split the cases; under "
+        "torchrun the files are split between ranks. Exit status: 0 no file failed, 1 some files failed, 2 usage or "
+        "setup error (bad arguments, not a bundle, --output not writable or full: the run stops, completed outputs "
+        "are kept). See docs/inference.md.",
     )
     _add_bundle_arguments(
         infer, "folder of images (.nii, .nii.gz, .mha, .mhd, .nrrd, .nhdr)", "output folder; must not be inside --input",
@@ -75,8 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
         "explain",
         help="predictions with attention maps and saliency, aligned with the input",
         description="For each image: the prediction, SASA attention statistics (attention received, entropy, mean "
-        "distance) of the last encoder and first decoder attention layers, and saliency maps, as NIfTI files in the "
-        "input's geometry and PNG overlays (middle slice for 3D). Maps come from the fp32 network; --int8 saves the "
+        "distance) of the last encoder attention layer and the last attention layer of the first decoder block, and "
+        "saliency maps (GradCAM of the predicted structure), as NIfTI files in the "
+        "input's geometry and PNG overlays (for 3D, the slice with the most predicted foreground). Maps come from the fp32 network; --int8 saves the "
         "int8 model's prediction next to them.",
     )
     _add_bundle_arguments(explain, "an image file or a folder of images", "output folder", "save the int8 model's prediction")

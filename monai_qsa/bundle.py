@@ -12,7 +12,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["find_bundle_root", "flag", "latest_checkpoint", "stacked_pred_label", "inference_network", "output_channels"]
+__all__ = [
+    "find_bundle_root",
+    "as_bool",
+    "ConfigValueError",
+    "latest_checkpoint",
+    "stacked_pred_label",
+    "inference_network",
+    "output_channels",
+]
 
 
 def find_bundle_root() -> str:
@@ -52,16 +60,29 @@ def output_channels(bundle_root: str | os.PathLike) -> dict[int, str]:
     return {int(channel): name for channel, name in channel_def.items()}
 
 
-def flag(value: object, name: str) -> bool:
-    """A boolean config value, refusing strings: ``python -m monai.bundle run --resume false`` passes the string
-    ``"false"`` (truthy); on the command line booleans are written ``True`` / ``False``.
+class ConfigValueError(SystemExit):
+    """A bad value of a bundle config argument. It is a ``SystemExit``, so that ``python -m monai.bundle run`` stops
+    with this one-line message instead of a traceback through MONAI's config evaluation; catch it as
+    ``SystemExit`` (its ``code`` is the message) when calling the helpers of this module from Python."""
+
+
+_TRUE, _FALSE = {"true", "1"}, {"false", "0"}
+
+
+def as_bool(value: object, name: str) -> bool:
+    """A boolean config value as users write it: ``True``/``False`` (what ``--resume True`` gives), or ``true``,
+    ``false``, ``1``, ``0`` in any case (what ``--resume false`` gives: a string, which would
+    otherwise count as true).
 
     Raises:
-        ValueError: ``value`` is not a bool, naming the argument.
+        ConfigValueError: anything else, naming the argument.
     """
-    if not isinstance(value, bool):
-        raise ValueError(f"--{name} must be True or False (capitalised on the command line), got {value!r}.")
-    return value
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower() if isinstance(value, (str, int)) else None
+    if text in _TRUE | _FALSE:
+        return text in _TRUE
+    raise ConfigValueError(f"error: --{name} must be true or false (or 1/0), got {value!r}.")
 
 
 def latest_checkpoint(ckpt_dir: str | os.PathLike, pattern: str = "checkpoint_epoch=*.pt") -> str:
@@ -76,7 +97,9 @@ def latest_checkpoint(ckpt_dir: str | os.PathLike, pattern: str = "checkpoint_ep
     return str(candidates[-1])
 
 
-def stacked_pred_label(pred_key: str = "pred", label_key: str = "label", label_to_index: bool = False) -> Callable[[list[dict]], tuple[torch.Tensor, torch.Tensor]]:
+def stacked_pred_label(
+    pred_key: str = "pred", label_key: str = "label", label_to_index: bool = False
+) -> Callable[[list[dict]], tuple[torch.Tensor, torch.Tensor]]:
     """Output transform for Ignite metrics (e.g. ``Accuracy``) that need batched ``(y_pred, y)`` tensors from a
     MONAI engine's decollated list of per-sample dicts.
 
@@ -95,26 +118,25 @@ def stacked_pred_label(pred_key: str = "pred", label_key: str = "label", label_t
 
 
 def inference_network(
-    network_def: nn.Module, model_dir: str | os.PathLike, int8: bool = False, compile: bool = False,
-    fp32_name: str = "model.pt", int8_name: str = "model_int8.pt2",
+    network_def: nn.Module,
+    model_dir: str | os.PathLike,
+    int8: object = False,
+    compile: object = False,
+    fp32_name: str = "model.pt",
+    int8_name: str = "model_int8.pt2",
 ) -> nn.Module:
-    """The network an inference config runs: ``network_def`` with the trained fp32 weights of
-    ``model_dir/fp32_name``, or the int8 artifact ``model_dir/int8_name``; optionally compiled for the CPU.
+    """The network an inference config runs (:func:`monai_qsa.models.runnable_network`): ``network_def`` with the
+    trained fp32 weights of ``model_dir/fp32_name``, or the int8 artifact ``model_dir/int8_name``; optionally
+    compiled for the CPU. ``int8`` and ``compile`` are read with :func:`as_bool` (``--use_int8``, ``--compile``).
 
     Raises:
         FileNotFoundError: the requested model file does not exist (train first, or quantise for ``int8``).
+        ConfigValueError: ``int8`` or ``compile`` is not a boolean.
     """
-    from monai_qsa.handlers.quantization import load_network_weights
-    from monai_qsa.quantization import load_quantized
-    from monai_qsa.utils.compile import compile_for_cpu
+    from monai_qsa.models import runnable_network
 
-    int8, compile = flag(int8, "use_int8"), flag(compile, "compile")
+    int8, compile = as_bool(int8, "use_int8"), as_bool(compile, "compile")
     path = Path(model_dir) / (int8_name if int8 else fp32_name)
     if not path.is_file():
         raise FileNotFoundError(f"{'int8' if int8 else 'fp32'} model {path} does not exist: run train.json first.")
-    if int8:
-        network = load_quantized(path)
-    else:
-        network = network_def.eval()
-        load_network_weights(network, path)
-    return compile_for_cpu(network, freezing=int8) if compile else network
+    return runnable_network(path, network_def, int8=int8, compile=compile)

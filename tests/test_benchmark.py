@@ -12,7 +12,7 @@ import torch
 from monai_qsa.__main__ import main
 from monai_qsa.benchmark.measure import load_network
 from monai_qsa.benchmark.report import PUBLISHED_RANGES, update_readme
-from monai_qsa.benchmark.tasks import TASKS, cnn_network_def, default_bundle_dir
+from monai_qsa.benchmark.tasks import BENCHMARK_TASKS, cnn_network_def, default_bundle_dir
 from monai_qsa.benchmark.train import trained_run
 from monai_qsa.data import make_synthetic_dataset
 from monai_qsa.utils.complexity import count_flops, count_parameters, serialized_size
@@ -35,7 +35,7 @@ def tiny_benchmark(tmp_path_factory):
 
 def test_report_figures_agree_with_direct_counts(tiny_benchmark):
     output, data, report = tiny_benchmark
-    bundle = default_bundle_dir(TASKS["cls"])
+    bundle = default_bundle_dir(BENCHMARK_TASKS["cls"])
     assert list(report["models"]) == ["cnn_fp32", "cnn_int8", "sa_fp32", "sa_int8"]
     example = torch.zeros(1, *report["flops_input_shape"])
     for model in ("cnn", "sa"):
@@ -70,7 +70,7 @@ def test_report_files_and_plots(tiny_benchmark):
 
 def test_rerun_reuses_matching_training_only(tiny_benchmark, tmp_path):
     output, data, report = tiny_benchmark
-    bundle = default_bundle_dir(TASKS["cls"])
+    bundle = default_bundle_dir(BENCHMARK_TASKS["cls"])
     run_dir = output / "runs" / "sa" / "seed0"
     network = report["networks"]["sa"]
     assert trained_run(run_dir, bundle, data, network, 0, 1, False)["fp32_metric"] == report["models"]["sa_fp32"]["metric"]["mean"]

@@ -17,7 +17,7 @@ from monai_qsa.data import load_datalist, make_synthetic_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = ("sa_seg", "sa_seg3d", "sa_cls")
-TASKS = {"sa_seg": "seg2d", "sa_seg3d": "seg3d", "sa_cls": "cls"}
+BUNDLE_TASKS = {"sa_seg": "seg2d", "sa_seg3d": "seg3d", "sa_cls": "cls"}
 #: keep the int8 step of train.json short: eager timing, few calibration batches
 QUICK_QUANTISATION = ["--quantization#compile", "False", "--quantization#latency_repeats", "1", "--quantization#num_calibration_batches", "2"]
 
@@ -48,7 +48,7 @@ def copy_bundle(name: str, workdir: Path) -> Path:
 def small_dataset(name: str, workdir: Path) -> Path:
     root = workdir / f"data_{name}"
     counts = {"sa_seg": (8, 2, 2), "sa_seg3d": (4, 2, 2), "sa_cls": (24, 8, 4)}[name]
-    make_synthetic_dataset(TASKS[name], root, seed=1, num_cases=counts)
+    make_synthetic_dataset(BUNDLE_TASKS[name], root, seed=1, num_cases=counts)
     return root
 
 

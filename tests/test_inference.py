@@ -143,7 +143,13 @@ def test_interrupted_run_resumes_without_duplicates_or_truncated_files(bundle, m
     assert sorted(Path(r["file"]).name for r in rows) == sorted(p.name for p in many_inputs.iterdir())
     assert {Path(r["file"]).name.replace(".nii.gz", "_seg.nii.gz") for r in rows if r["status"] == "skipped"} == done_before
     assert sorted(p.name for p in outputs.glob("*_seg.nii.gz")) == sorted(p.name.replace(".nii.gz", "_seg.nii.gz") for p in many_inputs.iterdir())
-    assert not [p for p in outputs.iterdir() if ".partial" in p.name]
+    assert not [p for p in outputs.iterdir() if ".partial" in p.name or p.name == ".claims"]  # the killed run's too
+
+    # with every output there, a rerun skips everything without loading the model (here: without one to load)
+    (bundle / "models" / "model.pt").unlink()
+    code, log = finished(infer_cli("--bundle", str(bundle), "--input", str(many_inputs), "--output", str(outputs)))
+    assert code == 0, log
+    assert [r["status"] for r in summary_rows(outputs)] == ["skipped"] * 8
 
 
 def test_torchrun_processes_every_file_once(bundle, many_inputs, tmp_path):

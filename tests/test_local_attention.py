@@ -1,17 +1,38 @@
 """The fused attention kernel (``torch.ops.monai_qsa.local_attention``): same function as the differentiable
 reference, its fall-backs, and its capture by torch.export / torch.compile."""
 
+import hashlib
+import logging
 import os
 import shutil
+import stat
+import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from monai.losses import DiceCELoss
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from monai_qsa.networks.blocks import StandAloneSelfAttention
-from monai_qsa.networks.blocks.local_attention import _kernels, fused_kernel_available, local_attention_reference
+from monai_qsa.networks.blocks.local_attention import (
+    _FLAGS,
+    _SOURCE,
+    _artifact_key,
+    _compiler_key,
+    _kernels,
+    _thread_count,
+    compiled_library,
+    fused_kernel_available,
+    kernel_cache_dir,
+    local_attention_forward,
+    local_attention_reference,
+)
+from monai_qsa.networks.nets import SAUNet
+from monai_qsa.utils.compile import find_compiler
 
 CASES = [
     # dims, in, out, kernel, heads, stride, dilation, spatial: rows longer than the kernel's 64-position block,
@@ -35,23 +56,21 @@ def randomised_layer(dims, cin, cout, ksize, heads, stride, dil) -> StandAloneSe
 
 def test_kernel_builds_here():
     assert fused_kernel_available(), "the test machine has gcc: the fused kernel must build"
-    assert any((Path(os.environ["MONAI_QSA_CACHE_DIR"]) / "kernels").glob("*.so"))
+    assert any((Path(os.environ["MONAI_QSA_CACHE_DIR"]) / "kernels").glob("*/*.so"))
 
 
 @pytest.mark.parametrize("dims,cin,cout,ksize,heads,stride,dil,spatial", CASES)
 def test_fused_inference_equals_differentiable_path(dims, cin, cout, ksize, heads, stride, dil, spatial):
     layer = randomised_layer(dims, cin, cout, ksize, heads, stride, dil)
     x = torch.randn((2, cin) + spatial)
-    reference = layer(x)  # gradients enabled: the PyTorch reference (test_sasa checks it against brute force)
-    assert reference.requires_grad
     with torch.no_grad():
-        fused = layer(x)
-    torch.testing.assert_close(fused, reference.detach(), atol=2e-5, rtol=1e-4)
-    # logits in the thousands (peaked softmax, exp underflow): finite, and equal up to fp32 conditioning
-    with torch.no_grad():
+        # requesting the attention selects the PyTorch reference (test_sasa checks it against brute force)
+        reference = layer(x, return_attention=True)[0]
+        torch.testing.assert_close(layer(x), reference, atol=2e-5, rtol=1e-4)
+        # logits in the thousands (peaked softmax, exp underflow): finite, and equal up to fp32 conditioning
         scaled = layer(100 * x)
-    assert torch.isfinite(scaled).all()
-    torch.testing.assert_close(scaled, layer(100 * x).detach(), atol=5e-2, rtol=1e-2)
+        assert torch.isfinite(scaled).all()
+        torch.testing.assert_close(scaled, layer(100 * x, return_attention=True)[0], atol=5e-2, rtol=1e-2)
 
 
 def test_thread_count_does_not_change_the_result():
@@ -62,6 +81,7 @@ def test_thread_count_does_not_change_the_result():
         results = []
         for threads in (1, 2):
             torch.set_num_threads(threads)
+            assert _thread_count(qkv, 5) == threads
             results.append(torch.ops.monai_qsa.local_attention(qkv, table, 5, 1, 0.5))
     finally:
         torch.set_num_threads(previous)
@@ -97,7 +117,7 @@ def inference_warnings(layer: StandAloneSelfAttention, x: torch.Tensor) -> list[
         with torch.no_grad():
             out = layer(x)
             layer(x)
-    torch.testing.assert_close(out, layer(x).detach(), atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out, layer(x, return_attention=True)[0].detach(), atol=1e-5, rtol=1e-4)
     return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
 
 
@@ -142,7 +162,7 @@ def test_cached_kernel_needs_no_compiler(monkeypatch, tmp_path, fresh_kernel_loo
     cache = tmp_path / "cache"
     monkeypatch.setenv("MONAI_QSA_CACHE_DIR", str(cache))
     assert fused_kernel_available()  # built into the new cache
-    assert len(list((cache / "kernels").glob("*.so"))) == 1
+    assert len(list((cache / "kernels").glob("*/*.so"))) == 1
     _kernels.cache_clear()
     monkeypatch.delenv("CC", raising=False)
     monkeypatch.setenv("PATH", compiler_free_path(tmp_path))
@@ -166,21 +186,225 @@ def test_any_memory_layout_of_the_projection(dims):
     }
     for name, qkv in layouts.items():
         if name == "heads interleaved":
-            expected_here = local_attention_reference(qkv, table, 5, 1, 0.5)[0]
-        else:
-            expected_here = expected
-        torch.testing.assert_close(torch.ops.monai_qsa.local_attention(qkv, table, 5, 1, 0.5), expected_here, atol=1e-5, rtol=1e-4, msg=name)
+            expected = local_attention_reference(qkv, table, 5, 1, 0.5)[0]
+        fused = torch.ops.monai_qsa.local_attention(qkv, table, 5, 1, 0.5)
+        torch.testing.assert_close(fused, expected, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_damaged_cached_kernel_falls_back(monkeypatch, tmp_path, fresh_kernel_lookup, layer_and_input):
-    built = tmp_path / "built"
-    monkeypatch.setenv("MONAI_QSA_CACHE_DIR", str(built))
+    monkeypatch.setenv("MONAI_QSA_CACHE_DIR", str(tmp_path))
+    library, digest = cache_entry_files(tmp_path)
+    library.write_bytes(b"not a shared library")  # with its correct hash: verified, then fails to load
+    digest.write_text(hashlib.sha256(library.read_bytes()).hexdigest())
+    caught = inference_warnings(*layer_and_input)
+    assert len(caught) == 1 and "Could not load" in caught[0] and library.name in caught[0]
+
+
+def cache_entry_files(cache_root: Path, mode: int = 0o700) -> tuple[Path, Path]:
+    """The library and hash files of the fused kernel's cache entry under ``cache_root`` (directories created with
+    ``mode``; the files are not)."""
+    compiler = find_compiler("CC", ("cc", "gcc", "clang"))
+    entry = cache_root / "kernels" / f"local_attention_{_artifact_key(_SOURCE, _FLAGS)}_{_compiler_key(compiler)}"
+    for directory in (cache_root, cache_root / "kernels", entry):
+        directory.mkdir(exist_ok=True)
+        directory.chmod(mode)
+    return entry / "local_attention.so", entry / "local_attention.so.sha256"
+
+
+def plant_library(library: Path, marker: Path) -> None:
+    """A real shared library at ``library`` whose constructor writes ``marker`` when it is loaded, and its correct
+    SHA-256 beside it (what an attacker with write access to the cache could write)."""
+    source = library.parent / "planted.c"
+    source.write_text(
+        "#include <stdio.h>\n"
+        "__attribute__((constructor)) static void plant(void) "
+        f'{{ FILE *f = fopen("{marker}", "w"); if (f) fclose(f); }}\n'
+    )
+    subprocess.run(["gcc", "-shared", "-fPIC", str(source), "-o", str(library)], check=True)
+    source.unlink()
+    library.with_name(library.name + ".sha256").write_text(hashlib.sha256(library.read_bytes()).hexdigest())
+
+
+def test_planted_library_in_shared_cache_is_never_loaded(monkeypatch, tmp_path, fresh_kernel_lookup, layer_and_input):
+    library, _ = cache_entry_files(tmp_path / "shared", mode=0o777)
+    marker = tmp_path / "constructor_ran"
+    plant_library(library, marker)
+    monkeypatch.setenv("MONAI_QSA_CACHE_DIR", str(tmp_path / "shared"))
+    caught = inference_warnings(*layer_and_input)
+    assert not marker.exists()
+    assert len(caught) == 1 and "writable by group or others" in caught[0]
+    assert "private temporary directory" in caught[0]
+    assert fused_kernel_available()  # built privately
+
+
+def test_planted_library_without_our_hash_is_never_loaded(monkeypatch, tmp_path, fresh_kernel_lookup, layer_and_input):
+    library, digest = cache_entry_files(tmp_path)
+    marker = tmp_path / "constructor_ran"
+    plant_library(library, marker)
+    digest.write_text("0" * 64)  # e.g. the hash of the library we built, replaced since
+    monkeypatch.setenv("MONAI_QSA_CACHE_DIR", str(tmp_path))
+    caught = inference_warnings(*layer_and_input)
+    assert not marker.exists()
+    assert len(caught) == 1 and "does not match the SHA-256 recorded" in caught[0]
     assert fused_kernel_available()
-    # a damaged file under the kernel's cache name, in a cache this process has not loaded from
-    damaged = tmp_path / "damaged" / "kernels" / next((built / "kernels").glob("*.so")).name
-    damaged.parent.mkdir(parents=True)
-    damaged.write_bytes(b"not a shared library")
-    monkeypatch.setenv("MONAI_QSA_CACHE_DIR", str(tmp_path / "damaged"))
+
+
+def test_tampered_hash_or_unsafe_file_is_refused(monkeypatch, tmp_path, fresh_kernel_lookup, layer_and_input):
+    monkeypatch.setenv("MONAI_QSA_CACHE_DIR", str(tmp_path))
+    assert fused_kernel_available()
+    library, digest = cache_entry_files(tmp_path)
+    digest.write_text(digest.read_text()[::-1])
     _kernels.cache_clear()
     caught = inference_warnings(*layer_and_input)
-    assert len(caught) == 1 and "Could not load" in caught[0] and damaged.name in caught[0]
+    assert len(caught) == 1 and "does not match the SHA-256 recorded" in caught[0]
+    digest.write_text(hashlib.sha256(library.read_bytes()).hexdigest())
+    library.chmod(0o766)
+    _kernels.cache_clear()
+    caught = inference_warnings(*layer_and_input)
+    assert len(caught) == 1 and f"{library} is writable by group or others" in caught[0]
+
+
+def test_cache_is_private_and_keyed_by_flags(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("MONAI_QSA_CACHE_DIR", str(tmp_path / "cache"))
+    with caplog.at_level(logging.INFO, logger="monai_qsa.networks.blocks.local_attention"):
+        assert compiled_library(_SOURCE) is not None
+        assert compiled_library(_SOURCE) is not None  # from the cache
+        assert compiled_library(_SOURCE, ("-DMONAI_QSA_TEST_FLAG",)) is not None  # a second entry
+    builds = [r.message for r in caplog.records if r.message.startswith("Building monai_qsa's fused attention kernel")]
+    assert builds == ["Building monai_qsa's fused attention kernel (once per machine)..."] * 2
+    kernels = kernel_cache_dir()
+    assert stat.S_IMODE(kernels.stat().st_mode) == 0o700 and stat.S_IMODE(kernels.parent.stat().st_mode) == 0o700
+    assert len(list(kernels.glob("local_attention_*/local_attention.so"))) == 2
+
+
+# ---- training: the differentiable operator torch.ops.monai_qsa.local_attention_forward and its backward pass ----
+
+
+@pytest.mark.parametrize(
+    "dims,spatial,kernel_size,dilation", [(2, (4, 5), 3, 1), (2, (5, 3), 3, 2), (3, (3, 4, 3), 3, 1)]
+)
+def test_gradcheck_float64(dims, spatial, kernel_size, dilation):
+    # float64 runs the operator's reference dispatch (the C kernel is fp32): checks its autograd registration
+    # (its backward is the C kernel's formulas in PyTorch operations)
+    qkv = torch.randn((1, 3, 2, 3) + spatial, dtype=torch.float64, requires_grad=True)
+    table = torch.randn(dims, kernel_size, 3, dtype=torch.float64, requires_grad=True)
+
+    def attention(qkv, table):
+        return local_attention_forward(qkv, table, kernel_size, dilation, 0.6)[0]
+
+    assert torch.autograd.gradcheck(attention, (qkv, table), fast_mode=True)
+
+
+def reference_gradients(qkv, table, kernel_size, dilation, scale, grad_out):
+    """Output and gradients of the PyTorch reference, in float64."""
+    inputs = (qkv.double().requires_grad_(), table.double().requires_grad_())
+    out = local_attention_reference(*inputs, kernel_size, dilation, scale)[0]
+    return (out, *torch.autograd.grad(out, inputs, grad_out.double()))
+
+
+@pytest.mark.parametrize(
+    "dims,heads,d,spatial,kernel_size,dilation",
+    [
+        (2, 3, 4, (9, 70), 5, 1),  # rows longer than the kernel's 64-position block
+        (2, 2, 8, (13, 67), 5, 2),  # dilation, odd sizes
+        (2, 1, 2, (3, 4), 7, 1),  # neighbourhood larger than the image
+        (3, 2, 4, (5, 6, 9), 3, 1),
+        (3, 2, 6, (6, 8, 7), 5, 2),
+    ],
+)
+def test_fused_gradients_equal_reference(dims, heads, d, spatial, kernel_size, dilation):
+    qkv = torch.randn((2, 3, heads, d) + spatial, requires_grad=True)
+    table = torch.randn(dims, kernel_size, d, requires_grad=True)
+    out, lse = local_attention_forward(qkv, table, kernel_size, dilation, d**-0.5)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (qkv, table), grad_out)
+    expected = reference_gradients(qkv, table, kernel_size, dilation, d**-0.5, grad_out)
+    # fp32 kernel against the float64 reference: tolerances of fp32 sums over k^d neighbours and d channels
+    for name, actual, wanted in zip(("out", "grad_qkv", "grad_table"), (out, *grads), expected):
+        torch.testing.assert_close(actual, wanted.float(), atol=2e-5 * wanted.abs().max().item(), rtol=1e-4, msg=name)
+    assert lse.shape == (2, heads) + spatial and not lse.requires_grad
+
+
+class OperatorRecorder(TorchDispatchMode):
+    """Records the operators dispatched while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.operators = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.operators.add(func)
+        return func(*args, **(kwargs or {}))
+
+
+def test_layer_training_runs_the_fused_operators():
+    layer = randomised_layer(2, 3, 12, 5, 3, 2, 1).train()  # stride 2 (pooling after the attention), 3 heads
+    x = torch.randn(2, 3, 11, 13, requires_grad=True)
+    parameters = (x, *layer.parameters())
+    with OperatorRecorder() as recorder:
+        fused = layer(x)
+        grad = torch.randn_like(fused)
+        fused_grads = torch.autograd.grad(fused, parameters, grad)
+    ops = torch.ops.monai_qsa
+    assert {ops.local_attention_forward.default, ops.local_attention_backward.default} <= recorder.operators
+    reference = layer(x, return_attention=True)[0]  # the PyTorch path
+    for a, b in zip(fused_grads, torch.autograd.grad(reference, parameters, grad)):
+        torch.testing.assert_close(a, b, atol=1e-5 * b.abs().max().item(), rtol=1e-4)
+
+
+def test_backward_thread_count_does_not_change_the_result():
+    # every gradient element is computed by one thread in a fixed order: bitwise equal for any thread count
+    qkv, table = torch.randn(2, 3, 2, 4, 17, 130, requires_grad=True), torch.randn(2, 5, 4, requires_grad=True)
+    previous = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            assert _thread_count(qkv, 5) == threads  # large enough for the kernel to use both threads
+            out = local_attention_forward(qkv, table, 5, 1, 0.5)[0]
+            results.append(torch.autograd.grad(out, (qkv, table), torch.ones_like(out)))
+    finally:
+        torch.set_num_threads(previous)
+    for one, two in zip(*results):
+        torch.testing.assert_close(one, two, atol=0, rtol=0)
+
+
+def test_training_operator_passes_opcheck():
+    # schema, fake implementations (torch.compile / torch.export) and the autograd registration
+    qkv = torch.randn(1, 3, 2, 4, 5, 6, requires_grad=True)
+    table = torch.randn(2, 3, 4, requires_grad=True)
+    torch.library.opcheck(local_attention_forward, (qkv, table, 3, 1, 0.5))
+
+
+def saunet_training_step(seed: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Loss and gradients of one SAUNet training step (fixed weights and batch)."""
+    torch.manual_seed(seed)
+    net = SAUNet(2, 1, 2, features=(8, 16, 32), kernel_size=5, num_heads=2).train()
+    x, labels = torch.randn(2, 1, 24, 20), torch.randint(0, 2, (2, 1, 24, 20))
+    loss = DiceCELoss(to_onehot_y=True, softmax=True)(net(x), labels)
+    loss.backward()
+    return loss.detach(), [p.grad for p in net.parameters()]
+
+
+def test_saunet_training_step_same_with_and_without_fused_kernel(monkeypatch, fresh_kernel_lookup):
+    assert fused_kernel_available()
+    fused_loss, fused_grads = saunet_training_step(0)
+    monkeypatch.setenv("MONAI_QSA_FUSED_ATTENTION", "0")
+    _kernels.cache_clear()
+    reference_loss, reference_grads = saunet_training_step(0)
+    assert not fused_kernel_available()
+    torch.testing.assert_close(fused_loss, reference_loss, atol=1e-6, rtol=1e-5)
+    for fused, reference in zip(fused_grads, reference_grads):
+        torch.testing.assert_close(fused, reference, atol=1e-5 * reference.abs().max().item() + 1e-7, rtol=1e-3)
+
+
+def test_flop_counter_sees_the_training_operators():
+    # the attention's MACs per channel and position: forward 2 k^d + k, backward 5 k^d + 2 k (recomputed logits)
+    qkv, table = torch.randn(2, 3, 2, 4, 6, 7, requires_grad=True), torch.randn(2, 3, 4, requires_grad=True)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        local_attention_forward(qkv, table, 3, 1, 0.5)[0].sum().backward()
+    per_channel_and_position = 2 * 6 * 7 * 2 * 4
+    flops = counter.get_flop_counts()["Global"]
+    assert flops[torch.ops.monai_qsa.local_attention_forward] == 2 * per_channel_and_position * (2 * 9 + 3)
+    assert flops[torch.ops.monai_qsa.local_attention_backward] == 2 * per_channel_and_position * (5 * 9 + 2 * 3)

@@ -55,7 +55,7 @@ def test_int8_metric_close_to_fp32(trained, backend):
     assert next(iter(net.parameters())).dtype == torch.float32  # the fp32 model is left as it was
 
 
-def test_int8_convolutions_attention_fp32(trained):
+def test_int8_convolutions_and_attention(trained):
     net, batches = trained
     eager = quantize_ptq(net, batches[:2], batches[0]["image"], backend="x86_eager")
     qkv = eager.encoder[0][0].attn.qkv
@@ -64,9 +64,15 @@ def test_int8_convolutions_attention_fp32(trained):
     pt2e = quantize_ptq(net, batches[:2], batches[0]["image"])
     targets = [str(n.target) for n in pt2e.program.graph.nodes if n.op == "call_function"]
     assert sum("dequantize_per_channel" in t for t in targets) >= 8  # stem, 6 qkv projections, head
-    # the attention core (logits, softmax, weighted sum) is one fp32 node per SA layer
-    cores = [n for n in pt2e.program.graph.nodes if n.target == torch.ops.monai_qsa.local_attention.default]
-    assert len(cores) == sum(isinstance(m, StandAloneSelfAttention) for m in net.modules())
+    # the attention core (logits, softmax, weighted sum) is one int8 node per SA layer, with calibrated scales;
+    # without int8_attention it is one fp32 node per SA layer
+    layers = sum(isinstance(m, StandAloneSelfAttention) for m in net.modules())
+    cores = [n for n in pt2e.program.graph.nodes if n.target == torch.ops.monai_qsa.local_attention_int8.default]
+    assert len(cores) == layers
+    assert all(isinstance(scale, float) and scale > 0 for core in cores for scale in core.args[-3:])  # q, k, v
+    fp32_core = quantize_ptq(net, batches[:2], batches[0]["image"], int8_attention=False)
+    cores = [n for n in fp32_core.program.graph.nodes if n.target == torch.ops.monai_qsa.local_attention.default]
+    assert len(cores) == layers
     assert all(arg.meta["val"].dtype == torch.float32 for core in cores for arg in core.args[:2])  # projection, table
     # no fp32 copy of a quantized weight survives conversion
     assert not [name for name, _ in pt2e.named_parameters() if name.endswith("qkv.weight")]

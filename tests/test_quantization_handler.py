@@ -10,7 +10,8 @@ from monai.transforms import AsDiscreted, Compose
 
 from monai_qsa.handlers import PostTrainingQuantizationHandler
 from monai_qsa.networks import SAUNet
-from monai_qsa.quantization import load_quantized
+from monai_qsa.quantization import load_quantized, quantize_and_check
+from monai_qsa.quantization.check import calibration_patches, higher_is_better
 
 
 def _squares(count: int, seed: int) -> list[dict]:
@@ -25,18 +26,23 @@ def _squares(count: int, seed: int) -> list[dict]:
     return cases
 
 
-def _workflow(tmp_path, handler_kwargs: dict) -> tuple[SupervisedTrainer, SupervisedEvaluator, PostTrainingQuantizationHandler]:
+def _workflow(
+    tmp_path, handler_kwargs: dict
+) -> tuple[SupervisedTrainer, SupervisedEvaluator, PostTrainingQuantizationHandler]:
     torch.manual_seed(0)
     net = SAUNet(2, 1, 2, features=(8, 16), num_heads=2, kernel_size=3)
     post = Compose([AsDiscreted(keys="pred", argmax=True, to_onehot=2), AsDiscreted(keys="label", to_onehot=2)])
+    key_metric = {"val_dice": MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))}
     evaluator = SupervisedEvaluator(
         device=torch.device("cpu"),
         val_data_loader=DataLoader(_squares(8, seed=1), batch_size=4),
         network=net,
         inferer=SlidingWindowInferer(roi_size=(16, 16), sw_batch_size=4, overlap=0.25),
         postprocessing=post,
-        key_val_metric={"val_dice": MeanDice(include_background=False, output_transform=from_engine(["pred", "label"]))},
-        val_handlers=[CheckpointSaver(str(tmp_path), {"network": net}, save_key_metric=True, key_metric_filename="model.pt")],
+        key_val_metric=key_metric,
+        val_handlers=[
+            CheckpointSaver(str(tmp_path), {"network": net}, save_key_metric=True, key_metric_filename="model.pt")
+        ],
     )
     trainer = SupervisedTrainer(
         device=torch.device("cpu"),
@@ -47,20 +53,31 @@ def _workflow(tmp_path, handler_kwargs: dict) -> tuple[SupervisedTrainer, Superv
         loss_function=lambda logits, label: torch.nn.functional.cross_entropy(logits, label[:, 0].long()),
         train_handlers=[ValidationHandler(validator=evaluator, interval=2)],
     )
-    handler = PostTrainingQuantizationHandler(evaluator=evaluator, output_dir=tmp_path, checkpoint=tmp_path / "model.pt", **handler_kwargs)
+    handler = PostTrainingQuantizationHandler(
+        evaluator=evaluator,
+        key_metric=key_metric,
+        postprocessing=post,
+        output_dir=tmp_path,
+        checkpoint=tmp_path / "model.pt",
+        **handler_kwargs,
+    )
     handler.attach(trainer)
     return trainer, evaluator, handler
 
 
 def test_handler_writes_accepted_int8_model_and_report(tmp_path):
-    trainer, evaluator, _ = _workflow(tmp_path, {"latency_repeats": 3})
+    # default calibration budget (32 network inputs): all 4 windows of the 8 validation cases
+    trainer, evaluator, _ = _workflow(tmp_path, {"latency_repeats": 3, "max_metric_drop": 0.02})
     trainer.run()
 
     report = json.loads((tmp_path / "quantization_report.json").read_text())
-    # the best checkpoint was quantised and evaluated exactly as validation did
+    # the best checkpoint was quantised; its fp32 metric is the validation of the same weights, not evaluated again
     assert report["fp32_metric"] == pytest.approx(evaluator.state.best_metric, abs=1e-6)
+    assert report["fp32_metric_source"] == f"validation at epoch {evaluator.state.best_metric_epoch}"
+    assert "fp32_evaluation" not in report["seconds"] and report["seconds"]["int8_evaluation"] > 0
+    assert report["calibration_patches"] == 32 and report["input_shape"] == [1, 16, 16]
     assert report["fp32_metric"] > 0.8
-    assert report["accepted"] and abs(report["metric_drop"]) <= 0.01
+    assert report["accepted"] and abs(report["metric_drop"]) <= 0.02
     assert report["artifact"] == str(tmp_path / "model_int8.pt2")
     assert report["int8_bytes"] == (tmp_path / "model_int8.pt2").stat().st_size
     assert report["parameters"] == sum(p.numel() for p in trainer.network.parameters())
@@ -84,11 +101,12 @@ def test_handler_refuses_broken_calibration(tmp_path):
     deployable = tmp_path / "model_int8.pt2"
     deployable.write_bytes(b"int8 model of an earlier run")
     blank = [{"image": torch.zeros(4, 1, 24, 24)}]  # ranges calibrated on nothing: int8 activations saturate
-    trainer, _, handler = _workflow(tmp_path, {"calibration_loader": blank, "compile": False, "latency_repeats": 1})
+    trainer, _, handler = _workflow(tmp_path, {"calibration_loader": blank, "compile": False, "latency_repeats": 0})
     trainer.run()
 
     report = json.loads((tmp_path / "quantization_report.json").read_text())
     assert not report["accepted"] and report["metric_drop"] > 0.01
+    assert report["latency"] is None and "int8_latency_ms" not in trainer.state.metrics  # timing turned off
     assert "not deployed" in report["reason"] and report["artifact"] is None
     assert not deployable.exists()  # a stale int8 model of an earlier run is not left to be deployed
     assert (tmp_path / "model_int8.rejected.pt2").is_file()
@@ -106,8 +124,79 @@ def test_handler_failure_is_reported_and_the_run_ends(tmp_path):
 
 
 def test_handler_needs_evaluator_on_trainer(tmp_path):
-    trainer, _, _ = _workflow(tmp_path, {})
+    trainer, evaluator, handler = _workflow(tmp_path, {})
     with pytest.raises(ValueError, match="evaluator="):
-        PostTrainingQuantizationHandler(output_dir=tmp_path).attach(trainer)
+        PostTrainingQuantizationHandler(key_metric=handler.key_metric, output_dir=tmp_path).attach(trainer)
+    with pytest.raises(ValueError, match="key_metric="):
+        PostTrainingQuantizationHandler(evaluator=evaluator)
     with pytest.raises(ValueError, match="max_metric_drop"):
-        PostTrainingQuantizationHandler(max_metric_drop=-1)
+        PostTrainingQuantizationHandler(key_metric=handler.key_metric, max_metric_drop=-1)
+
+
+def test_lower_is_better_metric_without_ignite(tmp_path):
+    """quantize_and_check on its own, with a metric where lower is better (mean absolute error of the foreground
+    probability): a calibration on blank images makes int8 worse, so it is rejected; fp32 is evaluated once."""
+    torch.manual_seed(0)
+    net = SAUNet(2, 1, 2, features=(8, 16), num_heads=2, kernel_size=3)
+    optimizer = torch.optim.Adam(net.parameters(), 1e-2)
+    cases = _squares(16, seed=0)
+    images, labels = torch.stack([c["image"] for c in cases]), torch.stack([c["label"] for c in cases])
+    for _ in range(30):
+        optimizer.zero_grad()
+        torch.nn.functional.cross_entropy(net(images), labels[:, 0].long()).backward()
+        optimizer.step()
+    net.eval()
+    calls = []
+
+    def mean_absolute_error(network):
+        calls.append(network)
+        with torch.no_grad():
+            return float((network(images).softmax(1)[:, 1:] - labels).abs().mean())
+
+    good = quantize_and_check(
+        net,
+        mean_absolute_error,
+        [images[:8]],
+        tmp_path,
+        key_metric="mae",
+        metric_higher_is_better=False,
+        max_metric_drop=0.02,
+        compile=False,
+        latency_repeats=1,
+    )
+    assert good.accepted and good.metric_drop == pytest.approx(good.int8_metric - good.fp32_metric)
+    assert good.fp32_metric < 0.1 and len(calls) == 2 and (tmp_path / "model_int8.pt2").is_file()
+    assert json.loads((tmp_path / "quantization_report.json").read_text()) == good.to_dict()
+
+    bad = quantize_and_check(
+        net,
+        mean_absolute_error,
+        [torch.zeros(4, 1, 24, 24)],
+        tmp_path,
+        key_metric="mae",
+        metric_higher_is_better=False,
+        fp32_metric=good.fp32_metric,
+        compile=False,
+        latency_repeats=0,
+    )
+    assert not bad.accepted and bad.metric_drop > 0.01 and bad.int8_metric > bad.fp32_metric
+    assert bad.fp32_metric_source == "given" and len(calls) == 3  # fp32 not evaluated again
+    assert not (tmp_path / "model_int8.pt2").exists() and bad.rejected_artifact is not None
+
+
+def test_metric_direction_and_calibration_patches():
+    assert higher_is_better(lambda current, best: current > best)
+    assert not higher_is_better(lambda current, best: current < best)
+    with pytest.raises(ValueError, match="higher or lower"):
+        higher_is_better(lambda current, best: True)
+    # 3 cases of 40x24 with a 16x16 window (overlap 0.25): 9 windows each; 5 patches spread as 2 + 2 + 1
+    cases = [{"image": torch.arange(40 * 24.0).reshape(1, 1, 40, 24) + 1000 * i} for i in range(3)]
+    inferer = SlidingWindowInferer(roi_size=(16, 16), sw_batch_size=2, overlap=0.25)
+    batches = list(calibration_patches(cases, inferer, max_patches=5))
+    assert [len(b) for b in batches] == [2, 2, 1] and all(b.shape[1:] == (1, 16, 16) for b in batches)
+    patches = torch.cat(batches)
+    assert [int(p.min() // 1000) for p in patches] == [0, 0, 1, 1, 2]  # spread over the cases
+    assert patches[0].min() != patches[1].min()  # and over each image
+    small = list(calibration_patches([torch.ones(1, 1, 8, 8)], inferer, max_patches=None))
+    assert len(small) == 1 and small[0].shape == (1, 1, 16, 16) and small[0].sum() == 64  # padded like the window
+    assert [len(b) for b in calibration_patches([torch.ones(4, 1, 8, 8)] * 3, max_patches=6)] == [4, 2]  # images

@@ -27,7 +27,9 @@ def _bundle_parser(bundle_dir: str, dataset_dir: str, network_def: dict | None =
 
     parser = ConfigParser()
     parser.read_config(str(Path(bundle_dir) / "configs" / "train.json"))
-    parser.update({"bundle_root": bundle_dir, "dataset_dir": dataset_dir} | ({"network_def": network_def} if network_def else {}))
+    parser.update(
+        {"bundle_root": bundle_dir, "dataset_dir": dataset_dir} | ({"network_def": network_def} if network_def else {})
+    )
     return parser
 
 
@@ -42,28 +44,22 @@ def load_cases(parser, max_cases: int) -> tuple[list[torch.Tensor], object]:
     return cases, parser.get_parsed_content("validate#inferer")
 
 
-def _trained_network(parser, checkpoint: str) -> nn.Module:
-    from monai_qsa.handlers.quantization import load_network_weights
-
-    network = parser.get_parsed_content("network_def").eval()
-    load_network_weights(network, checkpoint)
-    return network
-
-
 def load_network(bundle_dir: str, dataset_dir: str, network_def: dict, checkpoint: str) -> nn.Module:
     """``network_def`` built in the bundle's training config (so references such as ``@num_classes`` resolve
     against the dataset), with the weights of ``checkpoint``, in eval mode."""
-    return _trained_network(_bundle_parser(bundle_dir, dataset_dir, network_def), checkpoint)
+    return load_model(
+        {"precision": "fp32", "checkpoint": checkpoint}, _bundle_parser(bundle_dir, dataset_dir, network_def)
+    )
 
 
 def load_model(spec: dict, parser) -> nn.Module:
     """The fp32 network (``spec["network_def"]``, already in ``parser``, + ``checkpoint``) or the int8 graph
-    (``int8_path``) of ``spec``."""
-    from monai_qsa.quantization import load_quantized
+    (``int8_path``) of ``spec`` (:func:`monai_qsa.models.runnable_network`)."""
+    from monai_qsa.models import runnable_network
 
     if spec["precision"] == "int8":
-        return load_quantized(spec["int8_path"])
-    return _trained_network(parser, spec["checkpoint"])
+        return runnable_network(spec["int8_path"], int8=True)
+    return runnable_network(spec["checkpoint"], parser.get_parsed_content("network_def"))
 
 
 def measure_model(spec: dict) -> dict:

@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-__all__ = ["write_plots"]
+__all__ = ["LABELS", "write_plots"]
 
+#: how each benchmarked model is named in tables and legends
+LABELS = {"cnn_fp32": "CNN fp32", "cnn_int8": "CNN int8", "sa_fp32": "SA fp32", "sa_int8": "SA int8"}
 _COLOURS = {"cnn_fp32": "tab:blue", "cnn_int8": "tab:cyan", "sa_fp32": "tab:red", "sa_int8": "tab:orange"}
 
 
 def _scatter(report: dict, value: str, xlabel: str, path: Path) -> Path:
     """Task metric (mean ± std over seeds) against a per-case timing value, one marker per model and thread count."""
     import matplotlib.pyplot as plt
-
-    from monai_qsa.benchmark.report import LABELS
 
     figure, axes = plt.subplots(figsize=(6, 4))
     markers = ["o", "s", "^", "D"]
@@ -37,8 +37,6 @@ def _scatter(report: dict, value: str, xlabel: str, path: Path) -> Path:
 
 def _size_bars(report: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
-
-    from monai_qsa.benchmark.report import LABELS
 
     keys = list(report["models"])
     figure, axes = plt.subplots(figsize=(6, 4))

@@ -11,31 +11,14 @@ from pathlib import Path
 
 import torch
 
+from monai_qsa.benchmark.plots import LABELS, write_plots
+from monai_qsa.utils.cpu import cpu_flags, cpu_model
+
 __all__ = ["machine_info", "relative_figures", "markdown_report", "write_report", "update_readme", "PUBLISHED_RANGES", "LABELS"]
 
 #: reductions of SA int8 vs CNN fp32 claimed by Sathish, Khare & Sheet (2022), in percent
 PUBLISHED_RANGES = {"size": (50, 80), "parameters": (60, 80), "flops": (40, 85), "energy": (65, 80)}
-LABELS = {"cnn_fp32": "CNN fp32", "cnn_int8": "CNN int8", "sa_fp32": "SA fp32", "sa_int8": "SA int8"}
 _ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _cpu_flags() -> list[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return []
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return [flag for flag in _ISA_FLAGS if flag in flags]
 
 
 def machine_info() -> dict:
@@ -43,8 +26,8 @@ def machine_info() -> dict:
     import monai
 
     return {
-        "cpu": _cpu_model(),
-        "isa": _cpu_flags(),
+        "cpu": cpu_model(),
+        "isa": [flag for flag in _ISA_FLAGS if flag in cpu_flags()],
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "logical_cpus": os.cpu_count(),
         "torch": torch.__version__,
@@ -132,7 +115,6 @@ def markdown_report(report: dict) -> str:
 
 def write_report(report: dict, output: Path) -> None:
     """Write ``report.json``, ``report.md`` and the PNG plots into ``output``."""
-    from monai_qsa.benchmark.plots import write_plots
 
     output.mkdir(parents=True, exist_ok=True)
     report["plots"] = [str(p) for p in write_plots(report, output)]

@@ -15,7 +15,7 @@ import torch
 
 from monai_qsa.benchmark.measure import load_network
 from monai_qsa.benchmark.report import machine_info, relative_figures, write_report
-from monai_qsa.benchmark.tasks import TASKS, cnn_network_def, default_bundle_dir, sa_network_def
+from monai_qsa.benchmark.tasks import BENCHMARK_TASKS, cnn_network_def, default_bundle_dir, sa_network_def
 from monai_qsa.benchmark.train import train_and_quantize, trained_run
 
 __all__ = ["run_benchmark", "MODELS"]
@@ -79,7 +79,7 @@ def run_benchmark(
         output: folder for the trained runs (``runs/<cnn|sa>/seed<k>``), the report and plots.
         dataset_dir: Decathlon-style dataset; default ``output/data``, where the built-in synthetic dataset is
             written if missing.
-        epochs: training epochs of both models (default per task, see :data:`~monai_qsa.benchmark.tasks.TASKS`).
+        epochs: training epochs of both models (default per task, see :data:`~monai_qsa.benchmark.tasks.BENCHMARK_TASKS`).
         seeds: training seeds; the metric is reported as mean ± std over them, the timings use the first seed's models.
         repeats: timed passes over the cases per model and thread count (at least).
         min_seconds: keep timing passes until this long has passed, so that CodeCarbon (sampling power about once a
@@ -100,9 +100,9 @@ def run_benchmark(
     """
     from tqdm.auto import tqdm
 
-    if task not in TASKS:
-        raise ValueError(f"--task must be one of {sorted(TASKS)}, got {task!r}.")
-    spec = TASKS[task]
+    if task not in BENCHMARK_TASKS:
+        raise ValueError(f"--task must be one of {sorted(BENCHMARK_TASKS)}, got {task!r}.")
+    spec = BENCHMARK_TASKS[task]
     if not seeds or repeats < 1 or not threads or min(threads) < 1 or max_cases < 1:
         raise ValueError("--seeds needs at least one seed; --repeats, --threads and --max_cases must be at least 1.")
     epochs = spec.epochs if epochs is None else epochs

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["BenchmarkTask", "TASKS", "BASELINES", "default_bundle_dir", "cnn_network_def"]
+__all__ = ["BenchmarkTask", "BENCHMARK_TASKS", "BASELINES", "default_bundle_dir", "cnn_network_def"]
 
 BASELINES = ("matched", "standard")
 
@@ -29,7 +29,7 @@ class BenchmarkTask:
     metric: str
 
 
-TASKS = {
+BENCHMARK_TASKS = {
     "cls": BenchmarkTask("cls", "sa_cls", epochs=15, metric="accuracy"),
     "seg2d": BenchmarkTask("seg2d", "sa_seg", epochs=12, metric="Dice"),
     "seg3d": BenchmarkTask("seg3d", "sa_seg3d", epochs=10, metric="Dice"),

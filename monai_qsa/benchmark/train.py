@@ -15,11 +15,28 @@ REPORT = "quantization_report.json"
 SETTINGS = "benchmark_settings.json"
 
 
-def _settings(bundle_dir: Path, dataset_dir: Path, network_def: dict, seed: int, epochs: int, compile_int8: bool) -> dict:
-    return {"bundle_dir": str(bundle_dir), "dataset_dir": str(dataset_dir), "network_def": network_def, "seed": seed, "epochs": epochs, "compile_int8": compile_int8}
+def _settings(
+    bundle_dir: Path, dataset_dir: Path, network_def: dict, seed: int, epochs: int, compile_int8: bool
+) -> dict:
+    return {
+        "bundle_dir": str(bundle_dir),
+        "dataset_dir": str(dataset_dir),
+        "network_def": network_def,
+        "seed": seed,
+        "epochs": epochs,
+        "compile_int8": compile_int8,
+    }
 
 
-def trained_run(run_dir: Path, bundle_dir: Path, dataset_dir: Path, network_def: dict, seed: int, epochs: int, compile_int8: bool = True) -> dict | None:
+def trained_run(
+    run_dir: Path,
+    bundle_dir: Path,
+    dataset_dir: Path,
+    network_def: dict,
+    seed: int,
+    epochs: int,
+    compile_int8: bool = True,
+) -> dict | None:
     """The quantisation report of an earlier training in ``run_dir`` with the same settings whose int8 step
     succeeded, or None (train again)."""
     report, settings = run_dir / "models" / REPORT, run_dir / SETTINGS
@@ -31,13 +48,19 @@ def trained_run(run_dir: Path, bundle_dir: Path, dataset_dir: Path, network_def:
     return None if finished.get("error") else finished
 
 
-def _overrides(bundle_dir: Path, run_dir: Path, dataset_dir: Path, network_def: dict, seed: int, epochs: int, compile_int8: bool) -> dict:
+def _overrides(
+    bundle_dir: Path, run_dir: Path, dataset_dir: Path, network_def: dict, seed: int, epochs: int, compile_int8: bool
+) -> dict:
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(bundle_dir / "configs" / "train.json"))
     # the benchmark shows its own progress; Ignite's per-iteration bar would interleave with it
-    handlers = [h for h in parser["train"]["handlers"] if not (isinstance(h, dict) and h.get("_target_", "").endswith("ProgressBar"))]
+    handlers = [
+        h
+        for h in parser["train"]["handlers"]
+        if not (isinstance(h, dict) and h.get("_target_", "").endswith("ProgressBar"))
+    ]
     return {
         "bundle_root": str(bundle_dir),
         "ckpt_dir": str(run_dir / "models"),
@@ -49,11 +72,19 @@ def _overrides(bundle_dir: Path, run_dir: Path, dataset_dir: Path, network_def: 
         "initialize": [f"$monai.utils.set_determinism(seed={seed})"],
         "train#handlers": handlers,
         "quantization#compile": compile_int8,
-        "quantization#latency_repeats": 2,  # the benchmark times every model itself
+        "quantization#latency_repeats": 0,  # the benchmark times every model itself
     }
 
 
-def train_and_quantize(run_dir: Path, bundle_dir: Path, dataset_dir: Path, network_def: dict, seed: int, epochs: int, compile_int8: bool = True) -> dict:
+def train_and_quantize(
+    run_dir: Path,
+    bundle_dir: Path,
+    dataset_dir: Path,
+    network_def: dict,
+    seed: int,
+    epochs: int,
+    compile_int8: bool = True,
+) -> dict:
     """Train ``network_def`` with the bundle's training recipe, then quantise the best checkpoint.
 
     Args:

@@ -1,4 +1,4 @@
-from .datalist import folder_datalist, load_datalist, prepare_dataset
+from .datalist import folder_datalist, label_values, load_datalist, prepare_dataset
 from .synthetic import make_synthetic_dataset
 
-__all__ = ["make_synthetic_dataset", "load_datalist", "prepare_dataset", "folder_datalist"]
+__all__ = ["folder_datalist", "label_values", "load_datalist", "make_synthetic_dataset", "prepare_dataset"]

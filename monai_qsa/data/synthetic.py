@@ -18,7 +18,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-__all__ = ["TASKS", "CLASS_NAMES", "make_synthetic_dataset"]
+__all__ = ["SYNTHETIC_TASKS", "CLASS_NAMES", "make_synthetic_dataset"]
 
 CLASS_NAMES = ("disc", "square", "ring")
 
@@ -31,7 +31,7 @@ class _TaskSpec:
     description: str
 
 
-TASKS = {
+SYNTHETIC_TASKS = {
     "seg2d": _TaskSpec((96, 112), (0.9, 1.2), (64, 16, 8), "2D segmentation of bright elliptical lesions"),
     "seg3d": _TaskSpec((48, 48, 40), (1.2, 1.2, 1.6), (24, 6, 4), "3D segmentation of bright ellipsoidal lesions"),
     "cls": _TaskSpec((64, 64), (0.8, 0.8), (120, 30, 12), f"2D classification of one shape per image: {', '.join(CLASS_NAMES)}"),
@@ -112,9 +112,9 @@ def make_synthetic_dataset(task: str, root_dir: str | os.PathLike, seed: int = 0
 
         make_synthetic_dataset("seg3d", "data/synthetic_seg3d", num_cases=(4, 2, 1))
     """
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {sorted(TASKS)}, got {task!r}.")
-    spec = TASKS[task]
+    if task not in SYNTHETIC_TASKS:
+        raise ValueError(f"task must be one of {sorted(SYNTHETIC_TASKS)}, got {task!r}.")
+    spec = SYNTHETIC_TASKS[task]
     root = Path(root_dir)
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} exists and is not empty; the synthetic dataset is only written into a new folder.")

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from monai.utils import IgniteInfo, min_version, optional_import
 
-from monai_qsa.utils.csv_rows import append_csv_row
+from monai_qsa.utils.csv_rows import append_csv_row, extend_csv_columns
 from monai_qsa.utils.energy import DEFAULT_COUNTRY_ISO_CODE, EnergyMeter, EnergyReading
 
 if TYPE_CHECKING:
@@ -22,12 +22,15 @@ else:
     Engine, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Engine")
     Events, _ = optional_import("ignite.engine", IgniteInfo.OPT_IMPORT_VERSION, min_version, "Events")
 
-__all__ = ["EnergyHandler", "CSV_COLUMNS"]
+__all__ = ["EnergyHandler", "CSV_COLUMNS", "PROCESS_RUN_ID"]
 
+#: columns of the energy CSV; new columns are only ever added at the end (older files are extended in place)
 CSV_COLUMNS = (
     "timestamp", "phase", "scope", "epoch", "samples", "duration_s", "energy_kwh", "cpu_kwh", "ram_kwh",
-    "gpu_kwh", "emissions_kg", "joules_per_sample", "cpu_power_w", "ram_power_w", "method",
+    "gpu_kwh", "emissions_kg", "joules_per_sample", "cpu_power_w", "ram_power_w", "method", "run_id",
 )  # fmt: skip
+#: ``run_id`` of the rows this process writes unless the handler is given one: UTC start time and a random suffix
+PROCESS_RUN_ID = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:6]}"
 
 
 def count_samples(batch) -> int:
@@ -58,7 +61,10 @@ class EnergyHandler:
     ``{prefix}epoch_cpu_kwh``, ``{prefix}epoch_ram_kwh``, and the running totals ``{prefix}run_kwh``,
     ``{prefix}run_j_per_sample``; ``engine.state.energy`` holds the :class:`EnergyReading` objects.
     Each epoch and, at ``COMPLETED``, the run total are appended as rows to ``output_dir/csv_name`` (one locked
-    append per row; an existing file is never truncated), each row naming how it was measured.
+    append per row; an existing file is never truncated), each row naming how it was measured and the run it
+    belongs to (``run_id``: the handlers of one process share one id, so rows of several runs appended to one CSV
+    can be told apart). A CSV written before the ``run_id`` column existed gets it added to its header (its rows
+    are kept, with an empty ``run_id``); a last line cut by a killed run is kept, and new rows start on a new line.
 
     The readings are taken at the phase boundaries (CodeCarbon's ``start_task``/``stop_task``), so an evaluator
     epoch of a few seconds gets its own, non-zero figure. With CodeCarbon's default ``machine`` tracking mode a
@@ -75,6 +81,11 @@ class EnergyHandler:
         country_iso_code: ISO 3166-1 alpha-3 country for the emissions factor (default ``"USA"``).
         measure_power_secs: CodeCarbon's power sampling interval within a phase.
         tracking_mode: ``"machine"`` or ``"process"`` (CodeCarbon's modes).
+        run_id: ``run_id`` column of this handler's rows; defaults to :data:`PROCESS_RUN_ID`.
+
+    Raises:
+        ValueError: at ``attach``, the CSV exists with columns other than :data:`CSV_COLUMNS` (or a leading part
+            of them), naming it; it is left untouched.
     """
 
     def __init__(
@@ -86,10 +97,12 @@ class EnergyHandler:
         country_iso_code: str = DEFAULT_COUNTRY_ISO_CODE,
         measure_power_secs: float = 1.0,
         tracking_mode: str = "machine",
+        run_id: str | None = None,
     ) -> None:
         self.csv_path = Path(output_dir) / csv_name if output_dir is not None else None
         self.phase = phase
         self.prefix = prefix
+        self.run_id = PROCESS_RUN_ID if run_id is None else run_id
         self.meter = EnergyMeter(country_iso_code, measure_power_secs, tracking_mode)
         self.logger = logging.getLogger(__name__)
         self._samples = 0
@@ -101,7 +114,7 @@ class EnergyHandler:
         if self.phase is None:
             self.phase = type(engine).__name__
         if self.csv_path is not None:
-            self._check_csv_header()
+            extend_csv_columns(self.csv_path, CSV_COLUMNS)
         for event, handler in (
             (Events.STARTED, self.run_started),
             (Events.EPOCH_STARTED, self.epoch_started),
@@ -160,16 +173,6 @@ class EnergyHandler:
         )  # fmt: skip
         self._append_row("run", engine.state.epoch, total)
 
-    def _check_csv_header(self) -> None:
-        if self.csv_path.is_file() and self.csv_path.stat().st_size > 0:
-            with open(self.csv_path, newline="") as f:
-                header = next(csv.reader(f), [])
-            if tuple(header) != CSV_COLUMNS:
-                raise ValueError(
-                    f"energy CSV {self.csv_path} exists with other columns {header}; expected {list(CSV_COLUMNS)}. "
-                    "Choose another output_dir or csv_name (the existing file is left untouched)."
-                )
-
     def _append_row(self, scope: str, epoch: int, reading: EnergyReading) -> None:
         if self.csv_path is None:
             return
@@ -189,5 +192,6 @@ class EnergyHandler:
             "cpu_power_w": f"{reading.cpu_power_w:.3f}",
             "ram_power_w": f"{reading.ram_power_w:.3f}",
             "method": reading.method,
+            "run_id": self.run_id,
         }
         append_csv_row(self.csv_path, row, CSV_COLUMNS)

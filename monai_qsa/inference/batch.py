@@ -1,11 +1,16 @@
-"""Batch inference of a bundle over a folder of images: one case in memory at a time, per-file error reports,
-resumable (finished outputs are skipped, outputs appear only complete), shardable across torchrun ranks."""
+"""Batch inference of a bundle over a folder of images: one case in memory at a time, per-file error reports, every
+input accounted for in the summary, resumable (finished outputs are skipped, outputs appear only complete), safe for
+concurrent runs into one output folder (cases are claimed), shardable across torchrun ranks. See
+``docs/inference.md``."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import logging
 import os
+import secrets
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,17 +20,38 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from monai_qsa.data.datalist import IMAGE_SUFFIXES
-from monai_qsa.inference.bundle_runner import BundleRunner, CaseError
+from monai_qsa.inference.bundle_runner import (
+    BundleRunner,
+    CaseError,
+    CaseResult,
+    bundle_metadata,
+    describe_error,
+    predicts_segmentation,
+)
+from monai_qsa.inference.claims import CaseClaim, remove_claims_folder
+from monai_qsa.inference.inputs import InputEntry, assign_outputs, case_stem, list_inputs, output_path, scan_inputs
 from monai_qsa.utils.csv_rows import append_csv_row
 from monai_qsa.utils.energy import EnergyMeter
-from monai_qsa.utils.nifti import save_nifti
+from monai_qsa.utils.nifti import partial_files, save_nifti
 
-__all__ = ["run_batch_inference", "list_inputs", "case_stem", "output_path", "SUMMARY_COLUMNS"]
+__all__ = [
+    "run_batch_inference", "list_inputs", "case_stem", "output_path", "SUMMARY_COLUMNS", "OutputFolderError",
+    "BundleLoadError",
+]
 
 SUMMARY_COLUMNS = ("file", "status", "reason", "output", "latency_s", "energy_j", "energy_method")
 PROBABILITIES_CSV = "probabilities.csv"
+EXISTS = "output exists (use --overwrite to redo)"
 
 logger = logging.getLogger(__name__)
+
+
+class OutputFolderError(OSError):
+    """The output folder cannot be written (read-only, no space left, no permission): the run stops."""
+
+
+class BundleLoadError(ValueError):
+    """The bundle's inference pipeline or model cannot be loaded."""
 
 
 @dataclass
@@ -33,77 +59,217 @@ class CaseRecord:
     """One line of the run summary."""
 
     file: str
-    status: str  # ok, skipped, failed
-    reason: str = ""
+    status: str  # ok, skipped, failed, ignored
+    reason: str = ""  # why it failed, was skipped or ignored; for ok, a note on the input (empty if none)
     output: str = ""
     latency_s: float | str = ""
     energy_j: float | str = ""
     energy_method: str = ""
 
 
-def _is_detached_data(path: Path) -> bool:
-    """Pixel data of a detached-header image (``x.raw`` of ``x.mhd`` / ``x.nhdr``): read through its header."""
-    return path.name.lower().endswith((".raw", ".zraw", ".raw.gz")) and any(
-        path.with_name(path.name.split(".")[0] + header).is_file() for header in (".mhd", ".nhdr")
-    )
+def check_output_writable(output_dir: Path) -> None:
+    """Create ``output_dir`` if needed and write (then remove) one small file in it.
 
-
-def list_inputs(input_dir: Path, recursive: bool) -> list[Path]:
-    """Every regular, non-hidden file under ``input_dir`` (supported or not: unsupported ones are reported), except
-    the pixel-data files of detached headers."""
-    files = input_dir.rglob("*") if recursive else input_dir.iterdir()
-    return sorted(
-        p for p in files
-        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(input_dir).parts) and not _is_detached_data(p)
-    )
-
-
-def case_stem(path: Path) -> str:
-    """File name without its image suffix (``case.nii.gz`` -> ``case``)."""
-    name = path.name
-    for suffix in sorted(IMAGE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return path.stem
-
-
-def output_path(input_dir: Path, output_dir: Path, path: Path) -> Path:
-    """``<output_dir>/<relative folder>/<name>_seg.nii.gz`` for input ``path``."""
-    relative = path.relative_to(input_dir)
-    return output_dir / relative.parent / f"{case_stem(path)}_seg.nii.gz"
-
-
-def _done_classifications(csv_path: Path) -> set[str]:
-    if not csv_path.is_file():
-        return set()
-    with open(csv_path, newline="") as f:
-        return {row["file"] for row in csv.DictReader(f)}
-
-
-def _process(runner: BundleRunner, meter: EnergyMeter, path: Path, input_dir: Path, output_dir: Path) -> CaseRecord:
-    if not path.name.lower().endswith(IMAGE_SUFFIXES):
-        return CaseRecord(file=str(path), status="failed", reason=f"unsupported extension (reads {', '.join(IMAGE_SUFFIXES)})")
-    meter.start()
+    Raises:
+        OutputFolderError: the folder cannot be created or written, with the system's reason.
+    """
+    probe = output_dir / f".write_check.{os.getpid()}.{secrets.token_hex(4)}"
     try:
-        result = runner.run(path)
-    except CaseError as error:
-        meter.stop()
-        return CaseRecord(file=str(path), status="failed", reason=str(error))
-    reading = meter.stop(samples=1)
-    record = CaseRecord(file=str(path), status="ok", latency_s=round(result.seconds, 4))
-    if reading is not None:
-        record.energy_j, record.energy_method = round(reading.joules, 3), reading.method
-    if runner.is_segmentation:
-        target = output_path(input_dir, output_dir, path)
-        save_nifti(result.pred, target, dtype="uint8")
-        record.output = str(target)
-    else:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            try:
+                f.write(b"\0" * 4096)
+                f.flush()
+                os.fsync(f.fileno())
+            finally:
+                probe.unlink()
+    except OSError as error:
+        raise OutputFolderError(f"--output {output_dir} cannot be written: {error.strerror or error}.") from error
+
+
+class _SummaryPart:
+    """One process's rows of the run summary, in a hidden file it keeps locked while it runs, so that a part left
+    by a killed run is recognised (its lock is free) and removed by the next run."""
+
+    PATTERN = ".inference_summary_*.partial.csv"
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        creating = path.with_name(f"{path.name}.creating")  # locked before it takes a name other runs look at
+        self._file = open(creating, "w", newline="")  # noqa: SIM115 (open, and locked, for the whole run)
+        fcntl.flock(self._file, fcntl.LOCK_EX)
+        os.replace(creating, path)
+        self._writer = csv.DictWriter(self._file, fieldnames=SUMMARY_COLUMNS)
+        self._writer.writeheader()
+        self._file.flush()
+
+    def write(self, record: CaseRecord) -> None:
+        self._writer.writerow(asdict(record))
+        self._file.flush()
+
+    def close(self, remove: bool) -> None:
+        if remove:
+            self.path.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a buffer that cannot be flushed (no space left) is discarded anyway
+            self._file.close()
+
+    @classmethod
+    def remove_stale(cls, output_dir: Path) -> None:
+        """Remove the parts of killed runs (nobody holds their lock)."""
+        for part in output_dir.glob(cls.PATTERN):
+            try:
+                fd = os.open(part, os.O_RDONLY)
+            except FileNotFoundError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                part.unlink(missing_ok=True)
+            except BlockingIOError:
+                pass  # a live run's part
+            finally:
+                os.close(fd)
+
+
+def _write_summary(summary: Path, parts: list[Path]) -> None:
+    """Merge the summary parts into ``summary``, sorted by input, written under a temporary name and renamed."""
+    rows = []
+    for part in parts:
+        with open(part, newline="") as f:
+            rows.extend(csv.DictReader(f))
+    partial = summary.with_name(f".{summary.name}.{os.getpid()}.tmp")
+    try:
+        with open(partial, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+            writer.writeheader()
+            writer.writerows(sorted(rows, key=lambda row: row["file"]))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(partial, summary)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+class _ClassifiedFiles:
+    """Inputs already in ``probabilities.csv``, read incrementally (concurrent runs append to it)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.files, self._offset, self._column = path, set(), 0, None
+
+    def __contains__(self, file: str) -> bool:
+        self._refresh()
+        return file in self.files
+
+    def _refresh(self) -> None:
+        if not self.path.is_file():
+            return
+        with open(self.path, newline="") as f:
+            f.seek(self._offset)
+            text = f.read()
+        complete = text[: text.rfind("\n") + 1]  # a row being appended right now is read next time
+        self._offset += len(complete.encode())
+        for row in csv.reader(complete.splitlines()):
+            if self._column is None:
+                self._column = row.index("file")
+            elif len(row) > self._column:
+                self.files.add(row[self._column])
+
+
+class _BatchRun:
+    """The cases of one process: what is done already, claims, processing, writing outputs."""
+
+    def __init__(
+        self, bundle: Path, input_dir: Path, output_dir: Path, targets: dict[Path, Path] | None, int8: bool,
+        overwrite: bool, device: str,
+    ) -> None:
+        self.bundle, self.input_dir, self.output_dir, self.targets = bundle, input_dir, output_dir, targets
+        self.int8, self.overwrite, self.device = int8, overwrite, device
+        self.classified = _ClassifiedFiles(output_dir / PROBABILITIES_CSV)
+        self.started = time.time()
+        self.meter = EnergyMeter()
+        self._runner: BundleRunner | None = None
+
+    @property
+    def runner(self) -> BundleRunner:
+        """The bundle's pipeline, loaded on first use (a run with nothing left to do never loads the model)."""
+        if self._runner is None:
+            try:
+                self._runner = BundleRunner(self.bundle, int8=self.int8, device=self.device)
+            except Exception as error:
+                reason = describe_error(error)
+                raise BundleLoadError(f"cannot load bundle {self.bundle} for inference: {reason}") from error
+        return self._runner
+
+    def case(self, path: Path, wait: bool) -> CaseRecord | None:
+        """The summary record of one input; ``None`` if another process holds its claim and ``wait`` is False."""
+        if not path.name.lower().endswith(IMAGE_SUFFIXES):
+            return CaseRecord(str(path), "failed", f"unsupported extension (reads {', '.join(IMAGE_SUFFIXES)})")
+        if self._done_reason(path, concurrent=False):
+            return CaseRecord(str(path), "skipped", EXISTS, output=str(self._output_of(path)))
+        claim = CaseClaim(self.output_dir, self._key(path))
+        try:
+            if not claim.acquire(wait):
+                return None
+        except OSError as error:
+            raise OutputFolderError(f"cannot write the claim {claim.path}: {error.strerror or error}") from error
+        with claim:
+            reason = self._done_reason(path, concurrent=True)
+            if reason:
+                return CaseRecord(str(path), "skipped", reason, output=str(self._output_of(path)))
+            runner = self.runner  # loading errors are whole-run errors, not this file's
+            return self._process(runner, path)
+
+    def _output_of(self, path: Path) -> Path:
+        return self.targets[path] if self.targets is not None else self.output_dir / PROBABILITIES_CSV
+
+    def _key(self, path: Path) -> str:
+        if self.targets is not None:
+            return str(self.targets[path].relative_to(self.output_dir))
+        return f"{PROBABILITIES_CSV}:{path.relative_to(self.input_dir)}"
+
+    def _done_reason(self, path: Path, concurrent: bool) -> str:
+        """Why ``path`` needs no processing (empty if it does); ``concurrent`` (its claim is held): an output that a
+        concurrent run wrote since this run started is said to be so, and counts as done even under ``--overwrite``."""
+        if self.targets is None:
+            return EXISTS if not self.overwrite and str(path) in self.classified else ""
+        target = self.targets[path]
+        if not target.exists():
+            return ""
+        if concurrent and target.stat().st_mtime >= self.started:
+            return "output written by a concurrent run during this one"
+        return "" if self.overwrite else EXISTS
+
+    def _process(self, runner: BundleRunner, path: Path) -> CaseRecord:
+        self.meter.start()
+        try:
+            result = runner.run(path)
+        except CaseError as error:
+            self.meter.stop()
+            return CaseRecord(str(path), "failed", str(error))
+        reading = self.meter.stop(samples=1)
+        record = CaseRecord(str(path), "ok", result.note, latency_s=round(result.seconds, 4))
+        if reading is not None:
+            record.energy_j, record.energy_method = round(reading.joules, 3), reading.method
+        try:
+            record.output = str(self._write(runner, path, result))
+        except OSError as error:
+            reason = error.strerror or error
+            raise OutputFolderError(f"cannot write {self._output_of(path)} (output of {path}): {reason}") from error
+        if self.targets is not None and self.targets[path] != output_path(self.input_dir, self.output_dir, path):
+            renamed = "output named after the whole file name: another input has the same name stem"
+            record.reason = "; ".join(filter(None, [record.reason, renamed]))
+        return record
+
+    def _write(self, runner: BundleRunner, path: Path, result: CaseResult) -> Path:
+        if self.targets is not None:
+            target = self.targets[path]
+            for stale in partial_files(target):  # left by a killed run; this process holds the case's claim
+                stale.unlink(missing_ok=True)
+            return save_nifti(result.pred, target, dtype="uint8")
         probabilities = [float(v) for v in result.pred.flatten()]
         names = [runner.labels.get(str(i), str(i)) for i in range(len(probabilities))]
         row = {"file": str(path), **{f"p_{name}": value for name, value in zip(names, probabilities)}}
-        append_csv_row(output_dir / PROBABILITIES_CSV, row, tuple(row))
-        record.output = str(output_dir / PROBABILITIES_CSV)
-    return record
+        append_csv_row(self._output_of(path), row, tuple(row))
+        return self._output_of(path)
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -111,6 +277,79 @@ def _rank_and_world() -> tuple[int, int]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="gloo")
     return (dist.get_rank(), world) if world > 1 else (0, 1)
+
+
+def _summary_name(world: int) -> str:
+    """``inference_summary_<UTC time to the microsecond>.csv``, the same on every rank."""
+    now = time.time()
+    name = [f"inference_summary_{time.strftime('%Y%m%d_%H%M%S', time.gmtime(now))}_{int(now % 1 * 1e6):06d}.csv"]
+    if world > 1:
+        dist.broadcast_object_list(name, src=0)
+    return name[0]
+
+
+def _record_of(run: _BatchRun, entry: InputEntry, wait: bool) -> CaseRecord | None:
+    """The summary record of one entry; per-file failures never stop the batch (output-folder ones do)."""
+    if entry.status:
+        return CaseRecord(str(entry.path), entry.status, entry.reason)
+    try:
+        return run.case(entry.path, wait)
+    except (OutputFolderError, BundleLoadError):
+        raise
+    except Exception as error:  # a bug on one file must not stop the batch
+        logger.exception(f"{entry.path}: unexpected failure")
+        return CaseRecord(str(entry.path), "failed", f"{type(error).__name__}: {error}")
+
+
+def _settle(run: _BatchRun, entry: InputEntry, wait: bool, part: _SummaryPart) -> CaseRecord | None:
+    """Process or report one entry and add its record to the summary part; ``None``: claimed by another run."""
+    record = _record_of(run, entry, wait)
+    if record is None:
+        logger.info(f"{entry.path}: being processed by another run; checked again at the end")
+        return None
+    if record.status == "failed":
+        logger.warning(f"{entry.path}: {record.reason}")
+    try:
+        part.write(record)
+    except OSError as error:
+        raise OutputFolderError(f"cannot write the run summary: {error.strerror or error}") from error
+    return record
+
+
+def _run_shard(run: _BatchRun, shard: list[InputEntry], part: _SummaryPart, progress: bool) -> int:
+    """Process a shard; cases claimed by a concurrent run are left to the end, then waited for (if that run
+    wrote the output they are skipped). Returns the number of failed files."""
+    failed, deferred = 0, []
+    with tqdm(total=len(shard), desc="infer", unit="case", disable=not progress) as bar:
+        for entry in shard:
+            record = _settle(run, entry, False, part)
+            if record is None:
+                deferred.append(entry)
+                continue
+            failed += record.status == "failed"
+            bar.update()
+        for entry in deferred:
+            failed += _settle(run, entry, True, part).status == "failed"
+            bar.update()
+    return failed
+
+
+def _prepare(bundle: Path, input_dir: Path, output_dir: Path, recursive: bool) -> tuple[list[InputEntry], dict | None]:
+    """Whole-run checks before any model is loaded; the input entries and, for segmentation, their outputs."""
+    if not input_dir.is_dir():
+        raise FileNotFoundError(f"--input {input_dir} is not a folder.")
+    if output_dir == input_dir or input_dir in output_dir.parents:
+        raise ValueError(
+            f"--output {output_dir} is inside --input {input_dir}: outputs would mix with (and be read as) inputs."
+        )
+    segmentation = predicts_segmentation(bundle_metadata(bundle))
+    entries = scan_inputs(input_dir, recursive)
+    if not entries:
+        raise ValueError(f"--input {input_dir} holds no file{' (searched recursively)' if recursive else ''}.")
+    files = [entry.path for entry in entries if not entry.status]
+    targets = assign_outputs(files, input_dir, output_dir) if segmentation else None
+    check_output_writable(output_dir)
+    return entries, targets
 
 
 def run_batch_inference(
@@ -122,71 +361,70 @@ def run_batch_inference(
     overwrite: bool = False,
     device: str = "cpu",
 ) -> int:
-    """Run ``bundle``'s inference over every file in ``input_dir``; see ``python -m monai_qsa infer --help``.
+    """Run ``bundle``'s inference over every file in ``input_dir``; see ``python -m monai_qsa infer --help`` and
+    ``docs/inference.md``.
 
     Returns:
         the exit status: 0 if no file failed, 1 otherwise.
 
     Raises:
-        ValueError / FileNotFoundError: whole-run errors (missing or empty input folder, output folder inside the
-            input folder, not a bundle).
+        ValueError / FileNotFoundError: whole-run errors found before the model is loaded (missing or empty input
+            folder, output folder inside the input folder, not a bundle, inputs whose outputs would coincide).
+        OutputFolderError: the output folder cannot be written, found up front or when a write fails mid-run (the
+            run stops there; completed outputs are kept, no summary is written).
+        BundleLoadError: the bundle's model or pipeline cannot be loaded.
     """
-    input_dir, output_dir = Path(input_dir).resolve(), Path(output_dir).resolve()
-    if not input_dir.is_dir():
-        raise FileNotFoundError(f"--input {input_dir} is not a folder.")
-    if output_dir == input_dir or input_dir in output_dir.parents:
-        raise ValueError(f"--output {output_dir} is inside --input {input_dir}: outputs would mix with (and be read as) inputs.")
-    files = list_inputs(input_dir, recursive)
-    if not files:
-        raise ValueError(f"--input {input_dir} holds no file{' (searched recursively)' if recursive else ''}.")
+    bundle, input_dir, output_dir = Path(bundle).resolve(), Path(input_dir).resolve(), Path(output_dir).resolve()
+    entries, targets = _prepare(bundle, input_dir, output_dir, recursive)
     rank, world = _rank_and_world()
-    runner = BundleRunner(bundle, int8=int8, device=device)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    done = set() if runner.is_segmentation or overwrite else _done_classifications(output_dir / PROBABILITIES_CSV)
-    stamp = [time.strftime("%Y%m%d_%H%M%S", time.gmtime())]
-    if world > 1:
-        dist.broadcast_object_list(stamp, src=0)  # one run, one summary name
-    summary = output_dir / f"inference_summary_{stamp[0]}.csv"
-    shard = files[rank::world]
-    meter = EnergyMeter()
-    failed = 0
-    for path in tqdm(shard, desc=f"infer{'' if world == 1 else f' rank {rank}'}", unit="case", disable=rank > 0 and world > 1):
-        if (runner.is_segmentation and not overwrite and output_path(input_dir, output_dir, path).exists()) or str(path) in done:
-            record = CaseRecord(file=str(path), status="skipped", reason="output exists (use --overwrite to redo)")
-        else:
-            try:
-                record = _process(runner, meter, path, input_dir, output_dir)
-            except Exception as error:  # a bug or I/O failure on one file must not stop the batch
-                logger.exception(f"{path}: unexpected failure")
-                record = CaseRecord(file=str(path), status="failed", reason=f"{type(error).__name__}: {error}")
-        failed += record.status == "failed"
-        if record.status == "failed":
-            logger.warning(f"{path}: {record.reason}")
-        append_csv_row(summary if world == 1 else _rank_part(summary, rank), asdict(record), SUMMARY_COLUMNS)
-    if world > 1:
-        failed = _merge_rank_summaries(summary, world, rank, failed)
+    if rank == 0:
+        _SummaryPart.remove_stale(output_dir)
+    summary = output_dir / _summary_name(world)  # (a broadcast: no rank creates its part before the clean-up)
+    try:
+        part = _SummaryPart(output_dir / f".{summary.stem}.rank{rank}.partial.csv")
+    except OSError as error:
+        raise OutputFolderError(f"--output {output_dir} cannot be written: {error.strerror or error}.") from error
+    run = _BatchRun(bundle, input_dir, output_dir, targets, int8=int8, overwrite=overwrite, device=device)
+    failed, stopped = 0, None
+    try:
+        failed = _run_shard(run, entries[rank::world], part, progress=rank == 0)
+    except OutputFolderError as error:
+        stopped = error
+    except BaseException:
+        part.close(remove=True)
+        raise
+    failed, stopped_anywhere = _gather(failed, stopped is not None, world)
+    if not stopped_anywhere and rank == 0:
+        try:
+            _write_summary(summary, [part.path.with_name(f".{summary.stem}.rank{r}.partial.csv") for r in range(world)])
+        except OSError as error:
+            stopped = OutputFolderError(f"cannot write the run summary {summary}: {error.strerror or error}")
+    _finish(part, world)
+    remove_claims_folder(output_dir)
+    if stopped is not None or stopped_anywhere:
+        cause = stopped or f"another rank could not write to --output {output_dir}"
+        raise OutputFolderError(
+            f"{cause}. The run stopped: the outputs completed so far are kept (a rerun skips them); no summary was "
+            "written."
+        )
     if rank == 0:
         logger.info(f"summary written to {summary}")
     return 1 if failed else 0
 
 
-def _rank_part(summary: Path, rank: int) -> Path:
-    return summary.with_name(f"{summary.stem}.rank{rank}.csv")
+def _gather(failed: int, stopped: bool, world: int) -> tuple[int, bool]:
+    """Failures summed and stops or-ed over the ranks (also the point where every rank has finished its shard)."""
+    if world == 1:
+        return failed, stopped
+    total = torch.tensor([failed, int(stopped)])
+    dist.all_reduce(total)
+    return int(total[0]), bool(total[1])
 
 
-def _merge_rank_summaries(summary: Path, world: int, rank: int, failed: int) -> int:
-    """Sum the failures of all ranks; rank 0 merges the per-rank summaries into one file, sorted by input."""
-    total = torch.tensor([failed])
-    dist.all_reduce(total)  # also the point where every rank has finished its shard
-    if rank == 0:
-        rows = []
-        for part in (_rank_part(summary, r) for r in range(world)):
-            if part.is_file():  # a rank with an empty shard wrote none
-                with open(part, newline="") as f:
-                    rows.extend(csv.DictReader(f))
-                part.unlink()
-        for row in sorted(rows, key=lambda r: r["file"]):
-            append_csv_row(summary, row, SUMMARY_COLUMNS)
-    dist.barrier()
-    dist.destroy_process_group()
-    return int(total.item())
+def _finish(part: _SummaryPart, world: int) -> None:
+    """Drop this process's summary part once the summary is written (each rank keeps its part locked until then)."""
+    if world > 1:
+        dist.barrier()
+    part.close(remove=True)
+    if world > 1:
+        dist.destroy_process_group()

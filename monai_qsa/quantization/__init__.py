@@ -1,4 +1,15 @@
+from .check import QuantizationFailedError, QuantizationReport, quantize_and_check
+from .int8_attention import quantize_attention_int8
 from .ptq import BACKENDS, quantize_ptq
 from .serialization import load_quantized, save_quantized
 
-__all__ = ["BACKENDS", "quantize_ptq", "save_quantized", "load_quantized"]
+__all__ = [
+    "BACKENDS",
+    "quantize_ptq",
+    "quantize_attention_int8",
+    "save_quantized",
+    "load_quantized",
+    "quantize_and_check",
+    "QuantizationReport",
+    "QuantizationFailedError",
+]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import itertools
 import logging
 import operator
@@ -13,29 +14,18 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
+from monai_qsa.quantization.calibration import calibrate, calibration_tensors, reiterable
 from monai_qsa.quantization.graph_prep import match_quantizer_patterns
+from monai_qsa.quantization.int8_attention import quantize_attention_int8
+from monai_qsa.utils.third_party import import_torchao_pt2e
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BACKENDS", "quantize_ptq", "calibration_tensors", "InferenceGraph"]
+__all__ = ["BACKENDS", "InferenceGraph", "quantize_ptq"]
 
 #: ``x86_inductor``: PT2E (torch.export + torchao X86InductorQuantizer), run through torch.compile;
 #: ``x86_eager``: torch.ao eager-mode static quantisation, no compiler needed.
 BACKENDS = ("x86_inductor", "x86_eager")
-
-
-def calibration_tensors(calibration_data: Iterable, num_batches: int | None = None, image_key: str = "image") -> Iterator[torch.Tensor]:
-    """Input tensors from an iterable of tensors, of ``(input, target)`` tuples, or of MONAI dict batches."""
-    for batch in itertools.islice(calibration_data, num_batches):
-        if isinstance(batch, dict):
-            if image_key not in batch:
-                raise ValueError(f"calibration batch has no '{image_key}' key (keys: {sorted(batch)}); set image_key.")
-            batch = batch[image_key]
-        elif isinstance(batch, (list, tuple)):
-            batch = batch[0]
-        if not isinstance(batch, torch.Tensor):
-            raise ValueError(f"calibration data must yield tensors or dict batches, got {type(batch).__name__}.")
-        yield batch.as_tensor() if hasattr(batch, "as_tensor") else batch
 
 
 @contextlib.contextmanager
@@ -45,16 +35,6 @@ def quiet_ao_deprecations() -> Iterator[None]:
         warnings.filterwarnings("ignore", module=r"torch\.ao(\..*)?")
         warnings.filterwarnings("ignore", message=r".*(torch\.ao\.quantization|quantized tensor creation|reduce_range).*")
         yield
-
-
-def _calibrate(model: nn.Module, batches: Iterator[torch.Tensor], inferer: Callable | None) -> None:
-    seen = 0
-    with torch.no_grad():
-        for batch in batches:
-            inferer(batch, model) if inferer is not None else model(batch)
-            seen += 1
-    if seen == 0:
-        raise ValueError("calibration_data yielded no batches: static quantisation needs real inputs to calibrate on.")
 
 
 def _is_image(x) -> bool:
@@ -167,7 +147,11 @@ def _weight_only_int8_convolutions(graph_module: torch.fx.GraphModule) -> int:
     return weight_only_3d
 
 
-def _quantize_pt2e(model: nn.Module, batches: Iterator[torch.Tensor], example_inputs: tuple, inferer: Callable | None) -> nn.Module:
+def _quantize_pt2e(
+    model: nn.Module, batches: Callable[[], Iterator[torch.Tensor]], example_inputs: tuple, inferer: Callable | None,
+    int8_attention: bool,
+) -> nn.Module:  # fmt: skip
+    import_torchao_pt2e()  # first import without torchao's CUDA/Triton/pytree notices
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
     from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
         X86InductorQuantizer,
@@ -181,8 +165,10 @@ def _quantize_pt2e(model: nn.Module, batches: Iterator[torch.Tensor], example_in
         graph_module = export_for_quantization(model, example_inputs).module()
         match_quantizer_patterns(graph_module)
         prepared = prepare_pt2e(graph_module, quantizer)
-    _calibrate(prepared, batches, inferer)
+    calibrate(prepared, batches(), inferer)
     converted = convert_pt2e(prepared)
+    if int8_attention:
+        quantize_attention_int8(converted, batches(), inferer=inferer)
     if _weight_only_int8_convolutions(converted):
         logger.warning(
             "x86_inductor: 3D convolutions are stored in int8 but computed in fp32 (Inductor lowers int8 convolutions "
@@ -245,7 +231,7 @@ def _quantize_eager(model: nn.Module, batches: Iterator[torch.Tensor], inferer: 
         _fold_batch_norms(model)
         _wrap_quantizable(model, get_default_qconfig("x86"))
         prepare(model, inplace=True)
-        _calibrate(model, batches, inferer)
+        calibrate(model, batches, inferer)
         convert(model, inplace=True)
     return model
 
@@ -258,12 +244,15 @@ def quantize_ptq(
     num_batches: int | None = None,
     image_key: str = "image",
     inferer: Callable | None = None,
+    int8_attention: bool = True,
 ) -> nn.Module:
     """
     Static post-training int8 quantisation, calibrated on real batches. Convolutions (the SASA query/key/value
-    projections included) and linear layers become int8 with per-channel weights; attention logits, softmax and
-    the weighted sum stay fp32. With ``x86_inductor``, transposed convolutions (which its quantiser leaves fp32)
-    get int8 weights dequantised in the graph. ``model`` itself is left unchanged.
+    projections included) and linear layers become int8 with per-channel weights. With ``x86_inductor`` and
+    ``int8_attention``, the SASA attention core runs int8 too (``torch.ops.monai_qsa.local_attention_int8``: int8
+    logits and weighted sum, fp32 softmax, per-layer q/k/v scales from a second calibration pass); otherwise the
+    logits, softmax and weighted sum stay fp32. With ``x86_inductor``, transposed convolutions (which its quantiser
+    leaves fp32) get int8 weights dequantised in the graph. ``model`` itself is left unchanged.
 
     Args:
         model: trained fp32 network (SAResNet, SAUNet, or a MONAI CNN such as BasicUNet, UNet, resnet18).
@@ -277,6 +266,8 @@ def quantize_ptq(
         image_key: key of the input in dict batches.
         inferer: calibrate through ``inferer(batch, model)`` (e.g. a MONAI ``SlidingWindowInferer``, so that
             calibration sees the patches the network sees in deployment) instead of ``model(batch)``.
+        int8_attention: ``x86_inductor`` only: compute the SASA attention core in int8 as well (see above);
+            ``x86_eager`` always keeps it fp32.
 
     Returns:
         the int8 model in eval mode (an :class:`InferenceGraph` for ``x86_inductor``, the rewritten module for
@@ -289,9 +280,10 @@ def quantize_ptq(
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}.")
     example_inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     model = copy.deepcopy(model).eval()
-    batches = calibration_tensors(calibration_data, num_batches, image_key)
     if backend == "x86_inductor":
-        return _quantize_pt2e(model, batches, example_inputs, inferer)
-    qmodel = _quantize_eager(model, batches, inferer)
+        data = reiterable(calibration_data, num_batches)
+        batches = functools.partial(calibration_tensors, data, num_batches, image_key)  # one pass per calibration
+        return _quantize_pt2e(model, batches, example_inputs, inferer, int8_attention)
+    qmodel = _quantize_eager(model, calibration_tensors(calibration_data, num_batches, image_key), inferer)
     qmodel.monai_qsa_backend = backend
     return qmodel

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import warnings
@@ -15,6 +16,8 @@ __all__ = ["compile_for_cpu", "CPU_COMPILE_OPTIONS", "CompiledForCPU", "find_com
 # a layout pass over every projection, and the PyTorch attention path reads each head's channels with a large stride
 # and vectorises badly (about 2x slower)
 CPU_COMPILE_OPTIONS = {"layout_optimization": False}
+
+logger = logging.getLogger(__name__)
 
 
 def find_compiler(env_var: str, names: tuple[str, ...]) -> str | None:
@@ -49,12 +52,19 @@ class CompiledForCPU(nn.Module):
         self.options = CPU_COMPILE_OPTIONS | {"freezing": freezing}
         self._compiled = torch.compile(module, dynamic=dynamic)
         self.eager_fallback: str | None = None
+        self._announced = False
 
     def forward(self, *args, **kwargs):
         # MONAI MetaTensors (what loaders and inferers pass) break compiled graphs: run on their plain data
         args = tuple(a.as_tensor() if hasattr(a, "as_tensor") else a for a in args)
         if self.eager_fallback is not None:
             return self.module(*args, **kwargs)
+        if not self._announced:
+            self._announced = True
+            logger.info(
+                f"Compiling {type(self.module).__name__} for the CPU with torch.compile: the first call takes longer "
+                "(about a minute for int8 graphs), later ones run compiled."
+            )
         try:
             with torch._inductor.config.patch(self.options):
                 return self._compiled(*args, **kwargs)

@@ -80,19 +80,34 @@ class EnergyReading:
         )
 
 
+#: CodeCarbon CPU modes that read the hardware's own energy or power counters
+_MEASURED_CPU_MODES = {
+    "intel_rapl": "RAPL energy counters",
+    "windows_emi": "Windows EMI energy counters",
+    "intel_power_gadget": "Intel Power Gadget power readings",
+    "apple_powermetrics": "Apple powermetrics power readings",
+}
+
+
+def _describe_cpu(cpu) -> str:
+    mode = str(getattr(cpu, "_mode", "unknown"))
+    if mode in _MEASURED_CPU_MODES:
+        return f"CPU: {_MEASURED_CPU_MODES[mode]}"
+    tdp = getattr(cpu, "_tdp", None)
+    generic = " (generic TDP, CPU model not in CodeCarbon's table)" if getattr(cpu, "_is_generic_tdp", False) else ""
+    if mode == "constant":
+        return f"CPU: CodeCarbon constant estimate (half of TDP {tdp} W){generic}"
+    return f"CPU: CodeCarbon {mode} estimate (load x TDP {tdp} W){generic}"
+
+
 def describe_measurement(tracker) -> str:
-    """How ``tracker`` obtains its figures, from the hardware CodeCarbon detected."""
+    """How ``tracker`` obtains its figures, from the hardware CodeCarbon detected, e.g.
+    ``"CPU: RAPL energy counters; RAM: CodeCarbon power model from installed memory size"``."""
     parts = []
     for hardware in tracker._hardware:
         kind = type(hardware).__name__
         if kind == "CPU":
-            mode = getattr(hardware, "_mode", "unknown")
-            if "rapl" in str(mode).lower():
-                parts.append("CPU: RAPL energy counters")
-            else:
-                tdp = getattr(hardware, "_tdp", None)
-                generic = " (generic TDP, CPU model not in CodeCarbon's table)" if getattr(hardware, "_is_generic_tdp", False) else ""
-                parts.append(f"CPU: CodeCarbon {mode} estimate (load x TDP {tdp} W){generic}")
+            parts.append(_describe_cpu(hardware))
         elif kind == "RAM":
             parts.append("RAM: CodeCarbon power model from installed memory size")
         elif kind == "GPU":
@@ -131,7 +146,9 @@ class EnergyMeter:
 
     def _fail(self, action: str, error: BaseException) -> None:
         if not self._failed:
-            logger.warning("energy measurement disabled: CodeCarbon failed to %s (%s: %s)", action, type(error).__name__, error)
+            logger.warning(
+                "energy measurement disabled: CodeCarbon failed to %s (%s: %s)", action, type(error).__name__, error
+            )
         self._failed = True
 
     def _ensure_tracker(self):

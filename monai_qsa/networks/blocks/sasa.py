@@ -8,7 +8,12 @@ import torch
 from monai.networks.layers.factories import Conv, Pool
 from torch import nn
 
-from monai_qsa.networks.blocks.local_attention import local_attention_reference, neighbourhood_padding, relative_position_table
+from monai_qsa.networks.blocks.local_attention import (
+    fused_local_attention,
+    local_attention_reference,
+    neighbourhood_padding,
+    relative_position_table,
+)
 
 __all__ = ["StandAloneSelfAttention"]
 
@@ -24,9 +29,11 @@ class StandAloneSelfAttention(nn.Module):
     ``spatial_dims`` groups and ``r_o`` is the concatenation of one learned embedding per axis offset
     (row and column in 2D, plus depth in 3D). Neighbours outside the image are excluded from the softmax.
 
-    The layer never materialises ``k^d`` copies of the keys or values. Inference (no gradient needed, no
-    attention requested) runs the fused kernel ``torch.ops.monai_qsa.local_attention``, which never materialises
-    the ``(B, heads, k^d, *spatial)`` logits either; training and attention maps run the differentiable
+    The layer never materialises ``k^d`` copies of the keys or values. Without attention maps it runs fused
+    kernels that never materialise the ``(B, heads, k^d, *spatial)`` logits either: inference (no gradient
+    needed) ``torch.ops.monai_qsa.local_attention``, training the differentiable
+    ``torch.ops.monai_qsa.local_attention_forward`` (its backward pass recomputes the attention from the saved
+    log-sum-exp). Attention maps come from
     :func:`~monai_qsa.networks.blocks.local_attention.local_attention_reference`.
     When ``stride > 1`` the attention output is average-pooled, as in the paper.
 
@@ -119,18 +126,20 @@ class StandAloneSelfAttention(nn.Module):
             the attended features ``(B, out_channels, *spatial / stride)``, and the attention if requested.
         """
         if x.ndim != self.spatial_dims + 2:
+            axes = "H, W" if self.spatial_dims == 2 else "D, H, W"
             raise ValueError(
-                f"input must have {self.spatial_dims + 2} dimensions (B, C, {'H, W' if self.spatial_dims == 2 else 'D, H, W'}), "
-                f"got shape {tuple(x.shape)}."
+                f"input must have {self.spatial_dims + 2} dimensions (B, C, {axes}), got shape {tuple(x.shape)}."
             )
         batch, spatial = x.shape[0], tuple(x.shape[2:])
         # (B, 3 * C_out, *S) -> (B, 3, heads, d_head, *S): queries, keys and values of every head
         qkv = self.qkv(x).reshape((batch, 3, self.num_heads, self.head_channels) + spatial)
         table = relative_position_table(list(self.rel_pos), self.axis_channels)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if return_attention or needs_grad:
+        if return_attention:
             out, attn = local_attention_reference(qkv, table, self.kernel_size, self.dilation, self.scale)
-        else:  # inference: the fused kernel
+        elif needs_grad:  # training: the fused kernel with its backward pass
+            out = fused_local_attention(qkv, table, self.kernel_size, self.dilation, self.scale)
+        else:  # inference: the operator exported into int8 artifacts
             out = torch.ops.monai_qsa.local_attention(qkv, table, self.kernel_size, self.dilation, self.scale)
         out = self.pool(out.reshape((batch, self.out_channels) + spatial))
         if return_attention:

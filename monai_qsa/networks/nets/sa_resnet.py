@@ -10,7 +10,7 @@ from monai.networks.layers.factories import Pool
 from monai.networks.layers.utils import get_act_layer
 from torch import nn
 
-from monai_qsa.networks.nets.sa_blocks import SAUnit
+from monai_qsa.networks.blocks.sa_unit import SAUnit
 
 __all__ = ["SAResNet", "SABottleneck", "SARESNET_PRESETS"]
 

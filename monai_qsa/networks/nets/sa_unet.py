@@ -10,7 +10,7 @@ from monai.networks.blocks import Convolution
 from monai.networks.layers.factories import Conv, Pool
 from torch import nn
 
-from monai_qsa.networks.nets.sa_blocks import SAUnit
+from monai_qsa.networks.blocks.sa_unit import SAUnit
 
 __all__ = ["SAUNet"]
 

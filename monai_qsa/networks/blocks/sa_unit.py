@@ -1,4 +1,4 @@
-"""Building blocks shared by the SA networks: attention + normalisation + activation units."""
+"""The SA counterpart of MONAI's ``Convolution`` block: attention + normalisation + activation."""
 
 from __future__ import annotations
 

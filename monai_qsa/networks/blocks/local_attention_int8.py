@@ -1,0 +1,234 @@
+"""Int8 neighbourhood attention: ``torch.ops.monai_qsa.local_attention_int8``.
+
+The int8 counterpart of ``torch.ops.monai_qsa.local_attention``: queries, keys and values are quantised to int8
+with per-tensor symmetric scales (from calibration, passed as arguments); the logits ``q . k`` are int8 dot
+products accumulated in int32, the relative-position terms and the softmax fp32, the weighted sum uint8 weights x
+int8 values accumulated in int32; the output is fp32. One function, several implementations:
+
+- the C kernel ``local_attention_int8.c``, built once per machine by
+  :func:`~monai_qsa.networks.blocks.local_attention.compiled_library`, with one path per instruction set chosen at
+  run time from the CPU: ``avx512_vnni`` and ``avx_vnni`` (``vpdpbusd``), ``avx2`` (``vpmaddwd``, exact) and
+  ``scalar`` (plain C). Their integer sums are exact: all give the same output.
+- :func:`local_attention_int8_reference`, PyTorch operations (used without a C compiler, with the warning of the
+  fp32 kernel, or with ``MONAI_QSA_FUSED_ATTENTION=0``).
+
+``MONAI_QSA_INT8_ATTENTION_PATH`` (``auto``, ``avx512_vnni``, ``avx_vnni``, ``avx2``, ``scalar``, ``torch``) forces a
+path, e.g. to test the AVX2 path on a VNNI machine; a path this CPU cannot run is an error.
+
+:func:`monai_qsa.quantization.int8_attention.quantize_attention_int8` puts the operator into int8 programs.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import itertools
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
+
+from monai_qsa.networks.blocks.local_attention import (
+    _forward_macs,
+    compiled_library,
+    local_attention_reference,
+    neighbourhood_padding,
+)
+
+__all__ = [
+    "INT8_ATTENTION_PATHS",
+    "int8_attention_paths",
+    "local_attention_int8_reference",
+    "quantize_symmetric",
+    "symmetric_scale",
+]
+
+_SOURCE = Path(__file__).with_name("local_attention_int8.c")
+#: path names and their numbers in the C source (``auto``: the fastest this CPU runs; ``torch``: no C kernel)
+INT8_ATTENTION_PATHS = {"auto": 0, "scalar": 1, "avx2": 2, "avx_vnni": 3, "avx512_vnni": 4, "torch": None}
+PATH_VARIABLE = "MONAI_QSA_INT8_ATTENTION_PATH"
+#: largest magnitude of a quantised value: symmetric int8, -128 unused so that negation is exact
+INT8_MAX = 127
+
+
+def symmetric_scale(amax: float | torch.Tensor) -> float:
+    """The int8 scale that maps ``[-amax, amax]`` onto ``[-127, 127]`` (e.g. from a calibration observer's min/max:
+    ``amax = max(-min_val, max_val)``)."""
+    amax = float(amax)
+    if not 0 < amax < float("inf"):
+        raise ValueError(f"amax must be a positive finite number to define an int8 scale, got {amax}.")
+    return amax / INT8_MAX
+
+
+def quantize_symmetric(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``round(x * (1 / scale))`` (ties to even, the inverse in fp32 as in the C kernel) clamped to ``[-127, 127]``,
+    as int8."""
+    inverse = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(scale, dtype=torch.float32)
+    return torch.clamp(torch.round(x * inverse), -INT8_MAX, INT8_MAX).to(torch.int8)
+
+
+def local_attention_int8_reference(
+    qkv: torch.Tensor, table: torch.Tensor, kernel_size: int, dilation: int, scale: float, q_scale: float,
+    k_scale: float, v_scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """The int8 attention in PyTorch operations, the same function as the C kernel.
+
+    Queries, keys and values are quantised to int8 (:func:`quantize_symmetric`); the logits are the fp32 logits of
+    the dequantised queries and keys (exact: their integer products and sums are exact in fp32); the weights are
+    ``round(255 * exp(logit - max))`` (uint8, 0 outside the image) and the output is the weighted sum of the int8
+    values divided by the sum of the weights, times ``v_scale``.
+
+    Args:
+        qkv: queries, keys and values of every head, ``(B, 3, heads, d_head, *S)``, fp32.
+        table: relative-position table ``(spatial_dims, kernel_size, d_head)``.
+        kernel_size: neighbourhood side length (odd).
+        dilation: spacing between neighbours.
+        scale: factor of the logits, ``1 / sqrt(d_head)``.
+        q_scale: int8 scale of the queries (before ``scale``), see :func:`symmetric_scale`.
+        k_scale: int8 scale of the keys.
+        v_scale: int8 scale of the values.
+
+    Returns:
+        the output ``(B, heads, d_head, *S)``, fp32.
+    """
+    q, k, v = qkv.unbind(1)
+    q = quantize_symmetric(q, q_scale).to(qkv.dtype) * q_scale
+    k = quantize_symmetric(k, k_scale).to(qkv.dtype) * k_scale
+    v = quantize_symmetric(v, v_scale).to(qkv.dtype)
+    attention = local_attention_reference(torch.stack((q, k, v), 1), table, kernel_size, dilation, scale)[1]
+    # softmax / its max = exp(logit - max); (B, heads, k^d, *S)
+    weights = torch.floor(attention / attention.amax(2, keepdim=True) * 255 + 0.5)
+    dims = table.shape[0]
+    spatial = v.shape[3:]
+    v_pad = F.pad(v, [neighbourhood_padding(kernel_size, dilation)] * (2 * dims))
+    out = torch.zeros_like(v)
+    for index, offset in enumerate(itertools.product(range(kernel_size), repeat=dims)):
+        window = (Ellipsis,) + tuple(slice(i * dilation, i * dilation + size) for i, size in zip(offset, spatial))
+        out += weights[:, :, index : index + 1] * v_pad[window]  # (B, heads, 1, *S) * (B, heads, d_head, *S)
+    return out * (v_scale / weights.sum(2, keepdim=True))
+
+
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    """The compiled kernel with its argument types, built on first use; None (one warning) if unavailable."""
+    library = compiled_library(_SOURCE)
+    if library is None:
+        return None
+    library.monai_qsa_int8_path_supported.argtypes = [ctypes.c_int]
+    library.monai_qsa_int8_path_supported.restype = ctypes.c_int
+    attend = library.monai_qsa_local_attention_int8
+    attend.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_float] * 2 + [ctypes.c_int64] * 5 + [ctypes.c_int] * 6
+    attend.restype = ctypes.c_int
+    split = library.monai_qsa_int8_split_quantize
+    split.argtypes = (
+        [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)] + [ctypes.c_int64] * 10 + [ctypes.c_float] * 4
+        + [ctypes.c_void_p] * 4 + [ctypes.c_int]
+    )  # fmt: skip
+    split.restype = ctypes.c_int
+    return library
+
+
+def int8_attention_paths() -> list[str]:
+    """The paths this machine runs, fastest C path first, ``torch`` last (``auto`` excluded)."""
+    library = _library()
+    native = ("avx512_vnni", "avx_vnni", "avx2", "scalar") if library is not None else ()
+    return [name for name in native if library.monai_qsa_int8_path_supported(INT8_ATTENTION_PATHS[name])] + ["torch"]
+
+
+def _requested_path() -> str:
+    """The path named by ``$MONAI_QSA_INT8_ATTENTION_PATH`` (default ``auto``), checked."""
+    path = os.environ.get(PATH_VARIABLE, "auto")
+    if path not in INT8_ATTENTION_PATHS:
+        raise ValueError(
+            f"{PATH_VARIABLE}={path!r} is not a path of the int8 attention; "
+            f"choose one of {sorted(INT8_ATTENTION_PATHS)}."
+        )
+    if path not in ("auto", "torch") and path not in int8_attention_paths():
+        raise ValueError(
+            f"{PATH_VARIABLE}={path!r}: this machine cannot run that path (it runs {int8_attention_paths()}; "
+            "without a C compiler only 'torch')."
+        )
+    return path
+
+
+def _check_scales(**scales: float) -> None:
+    for name, value in scales.items():
+        if not 0 < value < float("inf"):
+            raise ValueError(f"local_attention_int8: {name} must be a positive finite int8 scale, got {value}.")
+
+
+def _run_kernel(library: ctypes.CDLL, path: int, qkv: torch.Tensor, table: torch.Tensor, kernel_size: int,
+                dilation: int, scale: float, scales: tuple[float, float, float]) -> torch.Tensor:  # fmt: skip
+    """Quantise and lay out the projection (one C pass), then run the attention kernel on path number ``path``;
+    ``scales``: the int8 scales of queries, keys and values."""
+    dims = table.shape[0]
+    batch, _, heads, head_channels, *spatial = qkv.shape
+    groups = (head_channels + 3) // 4  # channels in groups of 4 bytes: one int32 lane of vpdpbusd
+    if qkv.stride(2) != head_channels * qkv.stride(3):  # heads and their channels not one evenly strided axis
+        qkv = qkv.contiguous()
+    depth, height, width = ([1] + spatial) if dims == 2 else spatial
+    half = neighbourhood_padding(kernel_size, dilation)
+    pad_z = 0 if dims == 2 else half
+    padded = (depth + 2 * pad_z, height + 2 * half, width + 2 * half)
+    q8 = qkv.new_zeros((batch * heads, groups, depth, height, width, 4), dtype=torch.int8)  # zero-filled channels
+    qf = qkv.new_empty((batch, heads, head_channels, *spatial))
+    k8 = qkv.new_full((batch * heads, groups, *padded, 4), 128, dtype=torch.uint8)  # keys + 128: 128 is int8 zero
+    v4 = qkv.new_zeros((batch * heads, head_channels, *padded, 4), dtype=torch.int8)
+    spatial_strides = ([0] + list(qkv.stride()[4:])) if dims == 2 else list(qkv.stride()[4:])
+    strides = (ctypes.c_int64 * 6)(qkv.stride(0), qkv.stride(1), qkv.stride(3), *spatial_strides)
+    threads = torch.get_num_threads()
+    status = library.monai_qsa_int8_split_quantize(
+        qkv.data_ptr(), strides, batch, heads, head_channels, depth, height, width, pad_z, half, half, dilation,
+        *scales, scale, q8.data_ptr(), qf.data_ptr(), k8.data_ptr(), v4.data_ptr(), threads,
+    )  # fmt: skip
+    rel = table.reshape(-1, head_channels).to(torch.float32)
+    if dims == 2:  # the kernel sees 2D images as depth 1, with one (zero) depth offset
+        rel = torch.cat([rel.new_zeros(1, head_channels), rel])
+    rel = rel.contiguous()
+    out = torch.empty_like(qf)
+    if status == 0:
+        status = library.monai_qsa_local_attention_int8(
+            q8.data_ptr(), qf.data_ptr(), k8.data_ptr(), v4.data_ptr(), rel.data_ptr(), out.data_ptr(),
+            scale * scales[0] * scales[1], scales[2], batch * heads, head_channels, depth, height, width,
+            1 if dims == 2 else kernel_size, kernel_size, kernel_size, dilation, path, threads,
+        )  # fmt: skip
+    if status == 1:
+        raise MemoryError("monai_qsa int8 local attention kernel: could not allocate its scratch memory.")
+    if status == 2:
+        raise RuntimeError(f"monai_qsa int8 local attention kernel: this CPU cannot run path number {path}.")
+    return out
+
+
+# flexible_layout: the projection is taken in the layout it has (channels-last after int8 convolutions)
+@torch.library.custom_op("monai_qsa::local_attention_int8", mutates_args=(), tags=(torch.Tag.flexible_layout,))
+def local_attention_int8(
+    qkv: torch.Tensor, table: torch.Tensor, kernel_size: int, dilation: int, scale: float, q_scale: float,
+    k_scale: float, v_scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """Inference-only neighbourhood attention in int8: :func:`local_attention_int8_reference`'s output, computed by
+    the C kernel (fastest path of this CPU, or ``$MONAI_QSA_INT8_ATTENTION_PATH``) for fp32 CPU tensors. Arguments
+    as :func:`local_attention_int8_reference`; the projection may be in any memory layout.
+    """
+    _check_scales(q_scale=q_scale, k_scale=k_scale, v_scale=v_scale)
+    path = _requested_path()
+    library = None if path == "torch" else _library()
+    if library is None or qkv.device.type != "cpu" or qkv.dtype != torch.float32:
+        return local_attention_int8_reference(qkv, table, kernel_size, dilation, scale, q_scale, k_scale, v_scale)
+    scales = (q_scale, k_scale, v_scale)
+    return _run_kernel(library, INT8_ATTENTION_PATHS[path], qkv, table, kernel_size, dilation, scale, scales)
+
+
+@local_attention_int8.register_fake
+def _(qkv: torch.Tensor, table: torch.Tensor, kernel_size: int, dilation: int, scale: float, q_scale: float,
+      k_scale: float, v_scale: float) -> torch.Tensor:  # fmt: skip
+    return qkv.new_empty(qkv.shape[:1] + qkv.shape[2:])
+
+
+# operations (2 per multiply-accumulate, integer or float) for torch.utils.flop_counter.FlopCounterMode (count_flops),
+# which cannot see into the kernel: the same as the fp32 operator's
+@register_flop_formula(torch.ops.monai_qsa.local_attention_int8)
+def _flops(qkv_shape, table_shape, kernel_size: int, dilation: int, scale: float, q_scale: float, k_scale: float,
+           v_scale: float, out_shape=None) -> int:  # fmt: skip
+    return 2 * _forward_macs(qkv_shape, kernel_size)

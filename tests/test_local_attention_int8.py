@@ -1,0 +1,235 @@
+"""The int8 attention operator (``torch.ops.monai_qsa.local_attention_int8``): every instruction-set path against
+the PyTorch int8 function and the fp32 attention, exact agreement of the C paths, layouts, export, fall-back."""
+
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.utils.flop_counter
+
+from monai_qsa.networks.blocks.local_attention import local_attention_reference
+from monai_qsa.networks.blocks.local_attention_int8 import (
+    INT8_ATTENTION_PATHS,
+    PATH_VARIABLE,
+    _library,
+    int8_attention_paths,
+    local_attention_int8_reference,
+    symmetric_scale,
+)
+from monai_qsa.quantization.int8_attention import quantize_attention_int8
+
+# dims, heads, d_head, kernel, dilation, spatial: rows longer than the kernel's 64-position block, odd sizes,
+# rows of 32..63 positions, d_head not a multiple of 4 (zero-filled channel groups), dilation, borders everywhere
+CASES = [
+    (2, 3, 6, 7, 1, (9, 70)),
+    (2, 2, 5, 5, 2, (13, 67)),
+    (2, 1, 8, 3, 1, (4, 3)),
+    (3, 2, 8, 3, 2, (5, 6, 9)),
+    (3, 1, 4, 5, 1, (3, 4, 41)),
+]
+C_PATHS = ["avx512_vnni", "avx_vnni", "avx2", "scalar"]
+
+
+def attention_problem(dims, heads, d_head, kernel_size, dilation, spatial):
+    """A projection, relative-position table, logit scale and the q/k/v int8 scales of their value ranges."""
+    qkv = torch.randn((2, 3, heads, d_head) + spatial)
+    table = 0.5 * torch.randn(dims, kernel_size, d_head)
+    scales = [symmetric_scale(qkv[:, part].abs().max()) for part in range(3)]
+    return qkv, table, kernel_size, dilation, d_head**-0.5, *scales
+
+
+def run(path: str, monkeypatch, problem) -> torch.Tensor:
+    monkeypatch.setenv(PATH_VARIABLE, path)
+    return torch.ops.monai_qsa.local_attention_int8(*problem)
+
+
+@pytest.fixture
+def fresh_library():
+    """Forget the kernel found so far, so that the next call looks it up under the test's environment."""
+    _library.cache_clear()
+    yield
+    _library.cache_clear()
+
+
+def test_paths_dispatched_by_the_cpu():
+    """The test machine has gcc: the scalar path always runs, the SIMD paths exactly where the CPU has their
+    instructions."""
+    paths = int8_attention_paths()
+    assert paths[-2:] == ["scalar", "torch"]
+    flags = set(
+        next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")).split()
+    )
+    assert ("avx2" in paths) == ({"avx2", "fma"} <= flags)
+    assert ("avx_vnni" in paths) == ({"avx_vnni", "fma"} <= flags)
+    assert ("avx512_vnni" in paths) == ({"avx512_vnni", "avx512bw", "avx512vl"} <= flags)
+
+
+@pytest.mark.parametrize("path", C_PATHS)
+def test_unsupported_path_is_refused_else_runs(path, monkeypatch):
+    """A path this CPU lacks is a clear error naming the variable; one it has runs."""
+    problem = attention_problem(*CASES[0])
+    if path in int8_attention_paths():
+        assert run(path, monkeypatch, problem).shape == (2, 3, 6, 9, 70)
+    else:
+        with pytest.raises(ValueError, match=PATH_VARIABLE):
+            run(path, monkeypatch, problem)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_c_paths_agree_exactly_and_match_the_pytorch_function(case, monkeypatch):
+    """Integer sums are exact, so all C paths give identical outputs. Against the PyTorch function they differ only
+    where the kernel's exp (relative error < 5e-5) rounds a uint8 weight the other way: far below one int8 step of
+    the values (v_scale)."""
+    problem = attention_problem(*case)
+    v_scale = problem[-1]
+    outputs = {path: run(path, monkeypatch, problem) for path in int8_attention_paths()}
+    native = [path for path in outputs if path != "torch"]
+    for path in native[1:]:
+        assert torch.equal(outputs[path], outputs[native[0]]), f"{path} differs from {native[0]}"
+    difference = (outputs[native[0]] - outputs["torch"]).abs()
+    assert difference.max() < v_scale
+    assert difference.mean() < 0.02 * v_scale
+
+
+@pytest.mark.parametrize("path", ["auto", "torch"])
+@pytest.mark.parametrize("case", CASES)
+def test_close_to_fp32_attention(case, path, monkeypatch):
+    """Error against the fp32 attention within a few int8 steps of the values (v_scale = max|v| / 127): the
+    quantisation error of q, k (through the softmax), v and of the uint8 weights."""
+    problem = attention_problem(*case)
+    v_scale = problem[-1]
+    error = (run(path, monkeypatch, problem) - local_attention_reference(*problem[:5])[0]).abs()
+    assert error.max() < 4 * v_scale
+    assert error.mean() < 0.4 * v_scale
+
+
+def test_int8_changes_the_output():
+    """The int8 function is not the fp32 one in disguise: coarse scales change the output a lot."""
+    qkv, table, kernel_size, dilation, scale, q_scale, k_scale, v_scale = attention_problem(*CASES[0])
+    fine = local_attention_int8_reference(qkv, table, kernel_size, dilation, scale, q_scale, k_scale, v_scale)
+    coarse = local_attention_int8_reference(qkv, table, kernel_size, dilation, scale, 20 * q_scale, k_scale, v_scale)
+    assert (fine - coarse).abs().max() > 10 * v_scale
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_any_memory_layout_of_the_projection(dims, monkeypatch):
+    """Channels-last projections (as int8 convolutions leave them) give the same output as contiguous ones."""
+    problem = attention_problem(*next(case for case in CASES if case[0] == dims))
+    qkv = problem[0]
+    channels_last = qkv.flatten(1, 3).contiguous(
+        memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d
+    )
+    channels_last = channels_last.unflatten(1, qkv.shape[1:4])
+    assert not channels_last.is_contiguous()
+    assert torch.equal(run("auto", monkeypatch, (channels_last, *problem[1:])), run("auto", monkeypatch, problem))
+
+
+def test_thread_count_does_not_change_the_result(monkeypatch):
+    problem = attention_problem(*CASES[0])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = run("auto", monkeypatch, problem)
+        torch.set_num_threads(2)
+        assert torch.equal(run("auto", monkeypatch, problem), single)
+    finally:
+        torch.set_num_threads(threads)
+
+
+class Attention(torch.nn.Module):
+    def forward(self, qkv: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return torch.ops.monai_qsa.local_attention_int8(qkv, table, 3, 1, 0.5, 0.02, 0.03, 0.04)
+
+
+class Fp32Attention(torch.nn.Module):
+    def forward(self, qkv: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return torch.ops.monai_qsa.local_attention(qkv, table, 3, 1, 0.5)
+
+
+def test_flop_counter_sees_the_operator():
+    """As many operations as the fp32 operator (the count the SASA paper uses), so count_flops is unchanged."""
+    qkv, table = torch.randn(1, 3, 2, 4, 8, 9), torch.randn(2, 3, 4)
+    counts = []
+    for module in (Attention(), Fp32Attention()):
+        with torch.utils.flop_counter.FlopCounterMode(display=False) as counter:
+            module(qkv, table)
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] == 2 * 2 * 72 * 4 * (2 * 9 + 3)
+
+
+def test_exported_as_one_node():
+    qkv, table = torch.randn(1, 3, 2, 4, 8, 9), torch.randn(2, 3, 4)
+    program = torch.export.export(Attention(), (qkv, table))
+    targets = [str(node.target) for node in program.graph.nodes if node.op == "call_function"]
+    assert targets == ["monai_qsa.local_attention_int8.default"]
+    torch.testing.assert_close(program.module()(qkv, table), Attention()(qkv, table))
+
+
+@pytest.mark.parametrize("argument", ["q_scale", "k_scale", "v_scale"])
+@pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), float("nan")])
+def test_bad_scale_is_a_clear_error(argument, value):
+    scales = {"q_scale": 0.1, "k_scale": 0.1, "v_scale": 0.1, argument: value}
+    with pytest.raises(ValueError, match=argument):
+        torch.ops.monai_qsa.local_attention_int8(
+            torch.randn(1, 3, 1, 4, 5, 5), torch.randn(2, 3, 4), 3, 1, 0.5, *scales.values()
+        )
+
+
+def test_unknown_path_is_a_clear_error(monkeypatch):
+    with pytest.raises(ValueError, match=f"{PATH_VARIABLE}='avx9'"):
+        run("avx9", monkeypatch, attention_problem(*CASES[2]))
+    assert set(C_PATHS) | {"auto", "torch"} == set(INT8_ATTENTION_PATHS)
+
+
+def test_no_compiler_falls_back_to_pytorch_with_one_warning(monkeypatch, tmp_path, fresh_library):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").symlink_to(sys.executable)
+    assert all(shutil.which(name, path=str(bin_dir)) is None for name in ("cc", "gcc", "clang"))
+    monkeypatch.delenv("CC", raising=False)
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setenv("MONAI_QSA_CACHE_DIR", str(tmp_path / "empty_cache"))
+    problem = attention_problem(*CASES[2])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first, second = run("auto", monkeypatch, problem), run("auto", monkeypatch, problem)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1 and "No C compiler found" in messages[0]
+    assert int8_attention_paths() == ["torch"]
+    assert torch.equal(first, local_attention_int8_reference(*problem)) and torch.equal(first, second)
+
+
+def test_quantize_attention_int8_swaps_the_nodes_of_an_int8_saunet(tmp_path):
+    """PT2E int8 SAUNet -> every attention node int8 with calibrated scales; close to the fp32-attention program;
+    saved and loaded as one node per layer."""
+    from monai_qsa.networks import SAUNet
+    from monai_qsa.quantization import load_quantized, quantize_ptq, save_quantized
+
+    net = SAUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(8, 16), kernel_size=3, num_heads=2).eval()
+    calibration, x = [torch.randn(1, 1, 16, 16) for _ in range(2)], torch.randn(1, 1, 16, 16)
+    qmodel = quantize_ptq(net, calibration, x)
+    with torch.no_grad():
+        fp32_attention = qmodel(x)
+        assert quantize_attention_int8(qmodel.program, calibration) == 6  # 3 SA blocks x 2 layers
+        int8_attention = qmodel(x)
+    targets = [str(node.target) for node in qmodel.program.graph.nodes if "attention" in str(node.target)]
+    assert targets == ["monai_qsa.local_attention_int8.default"] * 6
+    assert not any("observer" in name for name, _ in qmodel.program.named_modules())
+    assert not torch.equal(int8_attention, fp32_attention)
+    torch.testing.assert_close(int8_attention, fp32_attention, atol=0.02 * fp32_attention.abs().max(), rtol=0)
+    save_quantized(tmp_path / "model.pt2", qmodel, x)
+    with torch.no_grad():
+        torch.testing.assert_close(load_quantized(tmp_path / "model.pt2")(x), int8_attention)
+
+
+def test_quantize_attention_int8_needs_calibration_data():
+    """Without batches: a clear error, and the program is left as it was (no observers)."""
+    qkv, table = torch.randn(1, 3, 2, 4, 8, 9), torch.randn(2, 3, 4)
+    program = torch.export.export(Fp32Attention(), (qkv, table)).module()
+    with pytest.raises(ValueError, match="no batches"):
+        quantize_attention_int8(program, [])
+    assert [name for name, _ in program.named_children() if "observer" in name] == []
+    torch.testing.assert_close(program(qkv, table), Fp32Attention()(qkv, table))
