@@ -4,7 +4,11 @@ from pathlib import Path
 from setuptools import find_packages, setup
 
 # read, not import: importing monai_qsa needs its dependencies installed
-version = {"__version__": re.search(r'__version__ = "([^"]+)"', (Path(__file__).parent / "monai_qsa" / "__init__.py").read_text())[1]}
+version = {
+    "__version__": re.search(
+        r'__version__ = "([^"]+)"', (Path(__file__).parent / "monai_qsa" / "__init__.py").read_text()
+    )[1]
+}
 
 setup(
     name="monai_qsa",

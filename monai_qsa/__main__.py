@@ -14,7 +14,12 @@ def _infer(args: argparse.Namespace) -> int:
 
     try:
         return run_batch_inference(
-            args.bundle, args.input, args.output, int8=args.int8, recursive=args.recursive, overwrite=args.overwrite,
+            args.bundle,
+            args.input,
+            args.output,
+            int8=args.int8,
+            recursive=args.recursive,
+            overwrite=args.overwrite,
             device=args.device,
         )
     except OutputFolderError as error:  # an OSError, but a setup error of this run: exit 2 like the others
@@ -33,8 +38,18 @@ def _benchmark(args: argparse.Namespace) -> int:
     from monai_qsa.benchmark.report import update_readme
 
     report = run_benchmark(
-        args.task, args.output, dataset_dir=args.dataset_dir, epochs=args.epochs, seeds=tuple(args.seeds), repeats=args.repeats, min_seconds=args.min_seconds,
-        threads=tuple(args.threads), max_cases=args.max_cases, baseline=args.baseline, retrain=args.retrain, compile=not args.eager,
+        args.task,
+        args.output,
+        dataset_dir=args.dataset_dir,
+        epochs=args.epochs,
+        seeds=tuple(args.seeds),
+        repeats=args.repeats,
+        min_seconds=args.min_seconds,
+        threads=tuple(args.threads),
+        max_cases=args.max_cases,
+        baseline=args.baseline,
+        retrain=args.retrain,
+        compile=not args.eager,
         bundle_dir=args.bundle_dir,
     )
     if args.update_readme:
@@ -73,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
         "are kept). See docs/inference.md.",
     )
     _add_bundle_arguments(
-        infer, "folder of images (.nii, .nii.gz, .mha, .mhd, .nrrd, .nhdr)", "output folder; must not be inside --input",
+        infer,
+        "folder of images (.nii, .nii.gz, .mha, .mhd, .nrrd, .nhdr)",
+        "output folder; must not be inside --input",
         "use the int8 artifact models/model_int8.pt2",
     )
     infer.add_argument("--recursive", action="store_true", help="also process sub-folders (mirrored in --output)")
@@ -87,11 +104,20 @@ def build_parser() -> argparse.ArgumentParser:
         description="For each image: the prediction, SASA attention statistics (attention received, entropy, mean "
         "distance) of the last encoder attention layer and the last attention layer of the first decoder block, and "
         "saliency maps (GradCAM of the predicted structure), as NIfTI files in the "
-        "input's geometry and PNG overlays (for 3D, the slice with the most predicted foreground). Maps come from the fp32 network; --int8 saves the "
+        "input's geometry and PNG overlays (for 3D, the slice with the most predicted foreground). "
+        "Maps come from the fp32 network; --int8 saves the "
         "int8 model's prediction next to them.",
     )
-    _add_bundle_arguments(explain, "an image file or a folder of images", "output folder", "save the int8 model's prediction")
-    explain.add_argument("--methods", nargs="*", default=["gradcam"], choices=["gradcam", "gradcampp", "occlusion"], help="saliency methods besides attention (default gradcam)")
+    _add_bundle_arguments(
+        explain, "an image file or a folder of images", "output folder", "save the int8 model's prediction"
+    )
+    explain.add_argument(
+        "--methods",
+        nargs="*",
+        default=["gradcam"],
+        choices=["gradcam", "gradcampp", "occlusion"],
+        help="saliency methods besides attention (default gradcam)",
+    )
     explain.set_defaults(handler=_explain)
 
     benchmark = commands.add_parser(
@@ -105,18 +131,43 @@ def build_parser() -> argparse.ArgumentParser:
     )
     benchmark.add_argument("--task", required=True, choices=["cls", "seg2d", "seg3d"])
     benchmark.add_argument("--output", required=True, help="folder for trained runs, report and plots")
-    benchmark.add_argument("--dataset_dir", help="Decathlon-style dataset (default: the built-in synthetic one, written to OUTPUT/data)")
+    benchmark.add_argument(
+        "--dataset_dir", help="Decathlon-style dataset (default: the built-in synthetic one, written to OUTPUT/data)"
+    )
     benchmark.add_argument("--epochs", type=int, help="training epochs (default per task: cls 15, seg2d 12, seg3d 10)")
-    benchmark.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds; metric as mean ± std (default 0)")
+    benchmark.add_argument(
+        "--seeds", type=int, nargs="+", default=[0], help="training seeds; metric as mean ± std (default 0)"
+    )
     benchmark.add_argument("--repeats", type=int, default=5, help="timed passes over the cases (default 5)")
-    benchmark.add_argument("--min_seconds", type=float, default=5.0, help="time passes for at least this long per model and thread count, for the energy reading (default 5)")
-    benchmark.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts to time (default 1 2)")
+    benchmark.add_argument(
+        "--min_seconds",
+        type=float,
+        default=5.0,
+        help="time passes for at least this long per model and thread count, for the energy reading (default 5)",
+    )
+    benchmark.add_argument(
+        "--threads", type=int, nargs="+", default=[1, 2], help="CPU thread counts to time (default 1 2)"
+    )
     benchmark.add_argument("--max_cases", type=int, default=4, help="validation cases per timed pass (default 4)")
-    benchmark.add_argument("--baseline", choices=["matched", "standard"], default="matched", help="matched: MONAI UNet/ResNet with the SA network's widths and depth (default); standard: BasicUNet/resnet18")
-    benchmark.add_argument("--retrain", action="store_true", help="train again even if a run with the same settings exists")
-    benchmark.add_argument("--eager", action="store_true", help="run int8 models without compiling (no C++ compiler, quick runs)")
-    benchmark.add_argument("--bundle_dir", help="bundle holding the training recipe (default: this repository's bundle for the task)")
-    benchmark.add_argument("--update_readme", metavar="README", help="replace the task's generated table in this Markdown file")
+    benchmark.add_argument(
+        "--baseline",
+        choices=["matched", "standard"],
+        default="matched",
+        help="matched: MONAI UNet/ResNet with the SA network's widths and depth (default); "
+        "standard: BasicUNet/resnet18",
+    )
+    benchmark.add_argument(
+        "--retrain", action="store_true", help="train again even if a run with the same settings exists"
+    )
+    benchmark.add_argument(
+        "--eager", action="store_true", help="run int8 models without compiling (no C++ compiler, quick runs)"
+    )
+    benchmark.add_argument(
+        "--bundle_dir", help="bundle holding the training recipe (default: this repository's bundle for the task)"
+    )
+    benchmark.add_argument(
+        "--update_readme", metavar="README", help="replace the task's generated table in this Markdown file"
+    )
     benchmark.set_defaults(handler=_benchmark)
 
     dataset = commands.add_parser("dataset", help="write a built-in synthetic dataset (Decathlon layout, NIfTI)")

@@ -31,7 +31,11 @@ def untrained_bundle():
         from monai.bundle import ConfigParser
 
         target = parent / name
-        shutil.copytree(REPO / "bundles" / name, target, ignore=shutil.ignore_patterns("models", "logs", "eval", "data", "predictions"))
+        shutil.copytree(
+            REPO / "bundles" / name,
+            target,
+            ignore=shutil.ignore_patterns("models", "logs", "eval", "data", "predictions"),
+        )
         parser = ConfigParser()
         parser.read_config(str(target / "configs" / "inference.json"))
         torch.manual_seed(0)

@@ -27,7 +27,6 @@ def _audit(event: str, args: tuple) -> None:
         _AUDITED.append((event, args))
 
 
-
 class _Payload:
     """Unpickling this creates ``marker``: what a hostile file would use to run any code."""
 
@@ -164,8 +163,17 @@ def test_pickle_in_place_of_the_tensor_bytes_is_read_as_numbers_only(artifact, t
 
 @pytest.mark.parametrize(
     "target",
-    ["builtins.exec", "torch.os.system", "posix.system", "torch.load", "aten.save.default", "aten.from_file.default",
-     "torch.ops.aten.relu.default", "aten.relu.__call__", "aten.no_such_op.default"],
+    [
+        "builtins.exec",
+        "torch.os.system",
+        "posix.system",
+        "torch.load",
+        "aten.save.default",
+        "aten.from_file.default",
+        "torch.ops.aten.relu.default",
+        "aten.relu.__call__",
+        "aten.no_such_op.default",
+    ],
 )
 def test_graph_calling_anything_but_allowed_operators_is_refused(artifact, tmp_path, target):
     members = _edit_json(_members(artifact[0]), GRAPH_FILE, lambda graph: graph["nodes"][0].update(target=target))
@@ -193,9 +201,24 @@ def test_graph_calling_anything_but_allowed_operators_is_refused(artifact, tmp_p
         (lambda g: g.update(nodes={}), "'nodes' must be list"),
         (lambda g: g.update(single_output="yes"), "'single_output' must be bool"),
     ],
-    ids=["keyword", "node-name", "input-name", "dunder-attribute", "forward-attribute", "training-attribute",
-         "forward-reference", "unknown-tag", "dtype-argument", "tensor-dtype", "tensor-size", "tensor-offset",
-         "tensor-dims", "shape-type", "nodes-type", "output-flag"],
+    ids=[
+        "keyword",
+        "node-name",
+        "input-name",
+        "dunder-attribute",
+        "forward-attribute",
+        "training-attribute",
+        "forward-reference",
+        "unknown-tag",
+        "dtype-argument",
+        "tensor-dtype",
+        "tensor-size",
+        "tensor-offset",
+        "tensor-dims",
+        "shape-type",
+        "nodes-type",
+        "output-flag",
+    ],
 )
 def test_malformed_graph_is_refused(artifact, tmp_path, edit, reason):
     members = _edit_json(_members(artifact[0]), GRAPH_FILE, edit)
@@ -228,8 +251,22 @@ def _edit_metadata(edit):
         (lambda members: {**members, METADATA_FILE: b" " * (2 << 20)}, ["over the 1048576-byte limit"]),
         (lambda members: {**members, GRAPH_FILE: b" " * (16 << 20)}, ["zip bomb"]),
     ],
-    ids=["not-object", "truncated-json", "not-utf8", "no-backend", "backend-type", "backend-value", "inputs-type",
-         "shape-type", "no-version", "later-version", "missing-member", "extra-member", "huge-member", "zip-bomb"],
+    ids=[
+        "not-object",
+        "truncated-json",
+        "not-utf8",
+        "no-backend",
+        "backend-type",
+        "backend-value",
+        "inputs-type",
+        "shape-type",
+        "no-version",
+        "later-version",
+        "missing-member",
+        "extra-member",
+        "huge-member",
+        "zip-bomb",
+    ],
 )
 def test_malformed_metadata_or_archive_is_refused(artifact, tmp_path, rewrite, reasons):
     _load_fails(_write(tmp_path / "model_int8.pt2", rewrite(_members(artifact[0]))), *reasons)

@@ -27,8 +27,26 @@ def tiny_benchmark(tmp_path_factory):
     root = tmp_path_factory.mktemp("benchmark")
     make_synthetic_dataset("cls", root / "data", seed=0, num_cases=(16, 8, 0))
     output = root / "out"
-    argv = ["benchmark", "--task", "cls", "--output", str(output), "--dataset_dir", str(root / "data"), "--epochs", "1",
-            "--repeats", "1", "--min_seconds", "0", "--threads", "1", "--max_cases", "2", "--eager"]
+    argv = [
+        "benchmark",
+        "--task",
+        "cls",
+        "--output",
+        str(output),
+        "--dataset_dir",
+        str(root / "data"),
+        "--epochs",
+        "1",
+        "--repeats",
+        "1",
+        "--min_seconds",
+        "0",
+        "--threads",
+        "1",
+        "--max_cases",
+        "2",
+        "--eager",
+    ]
     assert main(argv) == 0
     return output, root / "data", json.loads((output / "report.json").read_text())
 
@@ -53,7 +71,9 @@ def test_report_figures_agree_with_direct_counts(tiny_benchmark):
             assert 0.0 <= row["metric"]["mean"] <= 1.0
     assert report["networks"]["cnn"]["_target_"] == "monai.networks.nets.ResNet"
     relative = report["relative"]
-    assert relative["size"] == pytest.approx(100 * (1 - report["models"]["sa_int8"]["size_bytes"] / report["models"]["cnn_fp32"]["size_bytes"]))
+    assert relative["size"] == pytest.approx(
+        100 * (1 - report["models"]["sa_int8"]["size_bytes"] / report["models"]["cnn_fp32"]["size_bytes"])
+    )
     assert relative["published_ranges"] == {k: list(v) for k, v in PUBLISHED_RANGES.items()}
     assert report["machine"]["torch"] == torch.__version__
 
@@ -73,7 +93,10 @@ def test_rerun_reuses_matching_training_only(tiny_benchmark, tmp_path):
     bundle = default_bundle_dir(BENCHMARK_TASKS["cls"])
     run_dir = output / "runs" / "sa" / "seed0"
     network = report["networks"]["sa"]
-    assert trained_run(run_dir, bundle, data, network, 0, 1, False)["fp32_metric"] == report["models"]["sa_fp32"]["metric"]["mean"]
+    assert (
+        trained_run(run_dir, bundle, data, network, 0, 1, False)["fp32_metric"]
+        == report["models"]["sa_fp32"]["metric"]["mean"]
+    )
     assert trained_run(run_dir, bundle, data, network, 0, 2, False) is None  # other epochs: train again
     assert trained_run(run_dir, bundle, data, network, 1, 1, False) is None  # other seed
     assert trained_run(run_dir, bundle, data, network, 0, 1, True) is None  # int8 evaluated compiled
@@ -86,7 +109,10 @@ def test_rerun_reuses_matching_training_only(tiny_benchmark, tmp_path):
 def test_update_readme_replaces_only_its_block(tiny_benchmark, tmp_path):
     _, _, report = tiny_benchmark
     readme = tmp_path / "README.md"
-    readme.write_text("intro\n<!-- benchmark:cls -->\nold\n<!-- /benchmark:cls -->\n<!-- benchmark:seg2d -->\nkeep\n<!-- /benchmark:seg2d -->\n")
+    readme.write_text(
+        "intro\n<!-- benchmark:cls -->\nold\n<!-- /benchmark:cls -->\n"
+        "<!-- benchmark:seg2d -->\nkeep\n<!-- /benchmark:seg2d -->\n"
+    )
     update_readme(readme, report)
     text = readme.read_text()
     assert "old" not in text and "| SA int8 |" in text and "keep" in text and text.startswith("intro\n")
@@ -96,9 +122,19 @@ def test_update_readme_replaces_only_its_block(tiny_benchmark, tmp_path):
 
 
 def test_cnn_baselines_and_argument_errors(tmp_path, capsys):
-    sa_unet = {"_target_": "monai_qsa.networks.nets.SAUNet", "spatial_dims": 3, "in_channels": 1, "out_channels": 2, "features": [8, 16, 32]}
+    sa_unet = {
+        "_target_": "monai_qsa.networks.nets.SAUNet",
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "out_channels": 2,
+        "features": [8, 16, 32],
+    }
     matched = cnn_network_def(sa_unet)
-    assert matched["_target_"] == "monai.networks.nets.UNet" and matched["channels"] == [8, 16, 32] and matched["strides"] == [2, 2]
+    assert (
+        matched["_target_"] == "monai.networks.nets.UNet"
+        and matched["channels"] == [8, 16, 32]
+        and matched["strides"] == [2, 2]
+    )
     assert cnn_network_def(sa_unet, "standard")["_target_"] == "monai.networks.nets.BasicUNet"
     with pytest.raises(ValueError, match="baseline"):
         cnn_network_def(sa_unet, "vgg")

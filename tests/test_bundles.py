@@ -19,13 +19,22 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLES = ("sa_seg", "sa_seg3d", "sa_cls")
 BUNDLE_TASKS = {"sa_seg": "seg2d", "sa_seg3d": "seg3d", "sa_cls": "cls"}
 #: keep the int8 step of train.json short: eager timing, few calibration batches
-QUICK_QUANTISATION = ["--quantization#compile", "False", "--quantization#latency_repeats", "1", "--quantization#num_calibration_batches", "2"]
+QUICK_QUANTISATION = [
+    "--quantization#compile",
+    "False",
+    "--quantization#latency_repeats",
+    "1",
+    "--quantization#num_calibration_batches",
+    "2",
+]
 
 
 def bundle_cli(*args: str, cwd: Path, torchrun: bool = False, timeout: int = 600) -> subprocess.CompletedProcess:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"] if torchrun else [sys.executable]
     env = dict(os.environ, OMP_NUM_THREADS="1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"))
-    result = subprocess.run([*launcher, "-m", "monai.bundle", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(
+        [*launcher, "-m", "monai.bundle", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-6000:]}"
     return result
 
@@ -41,7 +50,9 @@ def workdir(tmp_path_factory) -> Path:
 
 def copy_bundle(name: str, workdir: Path) -> Path:
     target = workdir / name
-    shutil.copytree(REPO / "bundles" / name, target, ignore=shutil.ignore_patterns("models", "logs", "eval", "data", "predictions"))
+    shutil.copytree(
+        REPO / "bundles" / name, target, ignore=shutil.ignore_patterns("models", "logs", "eval", "data", "predictions")
+    )
     return target
 
 
@@ -56,31 +67,84 @@ def small_dataset(name: str, workdir: Path) -> Path:
 def test_metadata_and_network_shapes_verify(name):
     bundle = REPO / "bundles" / name
     meta = str(bundle / "configs" / "metadata.json")
-    bundle_cli("verify_metadata", "--meta_file", meta, "--filepath", str(REPO / "bundles" / "meta_schema.json"), cwd=REPO)
-    bundle_cli("verify_net_in_out", "--meta_file", meta, "--config_file", str(bundle / "configs" / "inference.json"), "--net_id", "network_def", cwd=REPO)
+    bundle_cli(
+        "verify_metadata", "--meta_file", meta, "--filepath", str(REPO / "bundles" / "meta_schema.json"), cwd=REPO
+    )
+    bundle_cli(
+        "verify_net_in_out",
+        "--meta_file",
+        meta,
+        "--config_file",
+        str(bundle / "configs" / "inference.json"),
+        "--net_id",
+        "network_def",
+        cwd=REPO,
+    )
 
 
 @pytest.mark.parametrize("name", ["sa_seg", "sa_seg3d"])
 def test_segmentation_bundle_train_evaluate_infer(name, workdir, tmp_path):
     bundle, data = copy_bundle(name, workdir), small_dataset(name, workdir)
     # run from an unrelated folder: every output must land under the bundle root
-    bundle_cli("run", "--config_file", configs(bundle, "train.json"), "--dataset_dir", str(data), "--num_epochs", "2", "--val_interval", "1", *QUICK_QUANTISATION, cwd=tmp_path)
+    bundle_cli(
+        "run",
+        "--config_file",
+        configs(bundle, "train.json"),
+        "--dataset_dir",
+        str(data),
+        "--num_epochs",
+        "2",
+        "--val_interval",
+        "1",
+        *QUICK_QUANTISATION,
+        cwd=tmp_path,
+    )
     assert not list(tmp_path.iterdir())
-    for output in ("models/model.pt", "models/model_int8.pt2", "models/quantization_report.json", "models/checkpoint_epoch=2.pt", "logs/energy.csv"):
+    for output in (
+        "models/model.pt",
+        "models/model_int8.pt2",
+        "models/quantization_report.json",
+        "models/checkpoint_epoch=2.pt",
+        "logs/energy.csv",
+    ):
         assert (bundle / output).is_file(), output
     report = json.loads((bundle / "models/quantization_report.json").read_text())
     assert report["accepted"] and report["key_metric"] == "val_mean_dice"
-    phases = {row["phase"] for row in csv.DictReader(open(bundle / "logs/energy.csv"))}
+    with open(bundle / "logs/energy.csv") as file:
+        phases = {row["phase"] for row in csv.DictReader(file)}
     assert phases == {"train", "validate"}
 
-    bundle_cli("run", "--config_file", configs(bundle, "train.json", "evaluate.json"), "--dataset_dir", str(data), "--compile_int8", "False", cwd=bundle)
+    bundle_cli(
+        "run",
+        "--config_file",
+        configs(bundle, "train.json", "evaluate.json"),
+        "--dataset_dir",
+        str(data),
+        "--compile_int8",
+        "False",
+        cwd=bundle,
+    )
     for precision in ("fp32", "int8"):
         assert (bundle / "eval" / precision / "metrics.csv").is_file()
-    assert {row["phase"] for row in csv.DictReader(open(bundle / "eval/energy.csv"))} == {"evaluate_fp32", "evaluate_int8"}
+    with open(bundle / "eval/energy.csv") as file:
+        assert {row["phase"] for row in csv.DictReader(file)} == {"evaluate_fp32", "evaluate_int8"}
 
     test_images = sorted((data / "imagesTs").iterdir())
     for int8, output in ((False, tmp_path / "fp32"), (True, tmp_path / "int8")):
-        bundle_cli("run", "--config_file", configs(bundle, "inference.json"), "--input_dir", str(data / "imagesTs"), "--output_dir", str(output), "--use_int8", str(int8), "--compile", "False", cwd=REPO)
+        bundle_cli(
+            "run",
+            "--config_file",
+            configs(bundle, "inference.json"),
+            "--input_dir",
+            str(data / "imagesTs"),
+            "--output_dir",
+            str(output),
+            "--use_int8",
+            str(int8),
+            "--compile",
+            "False",
+            cwd=REPO,
+        )
         for image_path in test_images:
             image, seg = nib.load(image_path), nib.load(output / image_path.name.replace(".nii.gz", "_seg.nii.gz"))
             assert seg.shape == image.shape
@@ -91,13 +155,44 @@ def test_segmentation_bundle_train_evaluate_infer(name, workdir, tmp_path):
 
 def test_classification_bundle_train_evaluate_infer(workdir, tmp_path):
     bundle, data = copy_bundle("sa_cls", workdir), small_dataset("sa_cls", workdir)
-    bundle_cli("run", "--config_file", configs(bundle, "train.json"), "--dataset_dir", str(data), "--num_epochs", "2", "--val_interval", "1", *QUICK_QUANTISATION, cwd=bundle)
+    bundle_cli(
+        "run",
+        "--config_file",
+        configs(bundle, "train.json"),
+        "--dataset_dir",
+        str(data),
+        "--num_epochs",
+        "2",
+        "--val_interval",
+        "1",
+        *QUICK_QUANTISATION,
+        cwd=bundle,
+    )
     report = json.loads((bundle / "models/quantization_report.json").read_text())
     assert report["key_metric"] == "val_accuracy" and (bundle / "models/model_int8.pt2").is_file() == report["accepted"]
-    bundle_cli("run", "--config_file", configs(bundle, "train.json", "evaluate.json"), "--dataset_dir", str(data), "--compile_int8", "False", cwd=bundle)
+    bundle_cli(
+        "run",
+        "--config_file",
+        configs(bundle, "train.json", "evaluate.json"),
+        "--dataset_dir",
+        str(data),
+        "--compile_int8",
+        "False",
+        cwd=bundle,
+    )
     assert (bundle / "eval/fp32/metrics.csv").is_file()
-    bundle_cli("run", "--config_file", configs(bundle, "inference.json"), "--input_dir", str(data / "imagesTs"), "--output_dir", str(tmp_path), cwd=REPO)
-    rows = list(csv.reader(open(tmp_path / "probabilities.csv")))
+    bundle_cli(
+        "run",
+        "--config_file",
+        configs(bundle, "inference.json"),
+        "--input_dir",
+        str(data / "imagesTs"),
+        "--output_dir",
+        str(tmp_path),
+        cwd=REPO,
+    )
+    with open(tmp_path / "probabilities.csv") as file:
+        rows = list(csv.reader(file))
     names = sorted(p.name for p in (data / "imagesTs").iterdir())
     assert sorted(Path(row[0]).name.split(".")[0] for row in rows) == sorted(n.split(".")[0] for n in names)
     for row in rows:
@@ -108,13 +203,42 @@ def test_classification_bundle_train_evaluate_infer(workdir, tmp_path):
 def test_multi_gpu_train_with_torchrun_on_cpu_and_resume(workdir):
     bundle, data = copy_bundle("sa_seg", workdir / "ddp"), small_dataset("sa_seg", workdir / "ddp")
     ddp = configs(bundle, "train.json", "multi_gpu_train.json")
-    bundle_cli("run", "--config_file", ddp, "--dataset_dir", str(data), "--num_epochs", "1", "--val_interval", "1", cwd=bundle, torchrun=True)
+    bundle_cli(
+        "run",
+        "--config_file",
+        ddp,
+        "--dataset_dir",
+        str(data),
+        "--num_epochs",
+        "1",
+        "--val_interval",
+        "1",
+        cwd=bundle,
+        torchrun=True,
+    )
     assert (bundle / "models/model.pt").is_file() and (bundle / "models/checkpoint_epoch=1.pt").is_file()
     # resume from the last checkpoint: epoch 2 only
-    result = bundle_cli("run", "--config_file", ddp, "--dataset_dir", str(data), "--num_epochs", "2", "--val_interval", "5", "--resume", "True", cwd=bundle, torchrun=True)
+    result = bundle_cli(
+        "run",
+        "--config_file",
+        ddp,
+        "--dataset_dir",
+        str(data),
+        "--num_epochs",
+        "2",
+        "--val_interval",
+        "5",
+        "--resume",
+        "True",
+        cwd=bundle,
+        torchrun=True,
+    )
     log = result.stdout + result.stderr
     assert (bundle / "models/checkpoint_epoch=2.pt").is_file()
-    assert "SupervisedTrainer - INFO - Epoch[2] Complete" in log and "SupervisedTrainer - INFO - Epoch[1] Complete" not in log
+    assert (
+        "SupervisedTrainer - INFO - Epoch[2] Complete" in log
+        and "SupervisedTrainer - INFO - Epoch[1] Complete" not in log
+    )
 
 
 def test_malformed_dataset_dir_fails_early_naming_the_file(tmp_path):
@@ -148,17 +272,36 @@ def test_malformed_dataset_dir_fails_early_naming_the_file(tmp_path):
     # and through the bundle CLI: the run stops before training, naming the file
     (empty / "dataset.json").write_text("{not json")
     result = subprocess.run(
-        [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(REPO / "bundles/sa_seg/configs/train.json"), "--dataset_dir", str(empty), "--bundle_root", str(tmp_path / "b")],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "monai.bundle",
+            "run",
+            "--config_file",
+            str(REPO / "bundles/sa_seg/configs/train.json"),
+            "--dataset_dir",
+            str(empty),
+            "--bundle_root",
+            str(tmp_path / "b"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode != 0 and f"{empty / 'dataset.json'} is not valid JSON" in result.stderr
     assert not (tmp_path / "b" / "models").exists()
 
 
 def test_synthetic_dataset_is_deterministic_and_never_overwrites(tmp_path):
-    first, second = make_synthetic_dataset("seg3d", tmp_path / "a", num_cases=(2, 1, 1)), make_synthetic_dataset("seg3d", tmp_path / "b", num_cases=(2, 1, 1))
+    first, second = (
+        make_synthetic_dataset("seg3d", tmp_path / "a", num_cases=(2, 1, 1)),
+        make_synthetic_dataset("seg3d", tmp_path / "b", num_cases=(2, 1, 1)),
+    )
     assert first.read_text() == second.read_text()
-    image_a, image_b = nib.load(tmp_path / "a/imagesTr/seg3d_tra_000.nii.gz"), nib.load(tmp_path / "b/imagesTr/seg3d_tra_000.nii.gz")
+    image_a, image_b = (
+        nib.load(tmp_path / "a/imagesTr/seg3d_tra_000.nii.gz"),
+        nib.load(tmp_path / "b/imagesTr/seg3d_tra_000.nii.gz"),
+    )
     np.testing.assert_array_equal(image_a.get_fdata(), image_b.get_fdata())
     assert not np.allclose(image_a.affine[:3, :3], np.diag(np.diag(image_a.affine[:3, :3])))  # oblique
     with pytest.raises(FileExistsError, match="not empty"):

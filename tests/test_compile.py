@@ -12,7 +12,9 @@ def test_failed_compilation_falls_back_to_eager_once():
     class InductorFails(torch.nn.Module):  # what torch.compile raises when a lowering has no kernel
         def forward(self, *args):
             calls.append(1)
-            raise torch._dynamo.exc.BackendCompilerFailed("inductor", RuntimeError("could not create a primitive descriptor"), None)
+            raise torch._dynamo.exc.BackendCompilerFailed(
+                "inductor", RuntimeError("could not create a primitive descriptor"), None
+            )
 
     compiled._compiled = InductorFails()
     x = torch.randn(1, 1, 8, 8)

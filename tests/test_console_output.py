@@ -104,10 +104,14 @@ def test_inference_paths_show_no_import_noise_or_misleading_warnings(seg_bundle,
 
 def test_2d_orientation_inverts_without_warning_and_as_monai_does(images_2d):
     def invert_prediction(orientation) -> tuple[torch.Tensor, list[str]]:
-        preprocessing = Compose([
-            LoadImaged("image", image_only=True), EnsureChannelFirstd("image"),
-            orientation(keys="image", axcodes="RA", labels=None), Spacingd("image", pixdim=(1.0, 1.0)),
-        ])
+        preprocessing = Compose(
+            [
+                LoadImaged("image", image_only=True),
+                EnsureChannelFirstd("image"),
+                orientation(keys="image", axcodes="RA", labels=None),
+                Spacingd("image", pixdim=(1.0, 1.0)),
+            ]
+        )
         data = preprocessing({"image": str(images_2d[0])})
         data["pred"] = torch.cat([data["image"], 1 - data["image"]])  # a two-channel prediction on the network's grid
         with warnings.catch_warnings(record=True) as caught:

@@ -15,10 +15,18 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+
 def infer_cli(*args: str, torchrun: bool = False, **popen) -> subprocess.Popen:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"] if torchrun else [sys.executable]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.Popen([*launcher, "-m", "monai_qsa", "infer", *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+    return subprocess.Popen(
+        [*launcher, "-m", "monai_qsa", "infer", *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **popen,
+    )
 
 
 def finished(process: subprocess.Popen, timeout: int = 600) -> tuple[int, str]:
@@ -57,7 +65,10 @@ def bundle(tmp_path, untrained_bundle) -> Path:
 def test_bad_inputs_are_reported_and_good_outputs_keep_geometry(bundle, tmp_path):
     inputs, outputs = tmp_path / "in", tmp_path / "out"
     inputs.mkdir()
-    good = {"oblique.nii.gz": (volume(), oblique_affine()), "plain.nii": (volume((30, 30, 30), 1), np.diag([-0.8, 0.8, 3.0, 1.0]))}
+    good = {
+        "oblique.nii.gz": (volume(), oblique_affine()),
+        "plain.nii": (volume((30, 30, 30), 1), np.diag([-0.8, 0.8, 3.0, 1.0])),
+    }
     for name, (array, affine) in good.items():
         nib.save(nib.Nifti1Image(array, affine), inputs / name)
     import SimpleITK as sitk
@@ -112,7 +123,9 @@ def test_whole_run_errors(bundle, tmp_path):
     empty.mkdir()
     code, log = finished(infer_cli("--bundle", str(bundle), "--input", str(empty), "--output", str(tmp_path / "out")))
     assert code == 2 and "holds no file" in log
-    code, log = finished(infer_cli("--bundle", str(bundle), "--input", str(tmp_path), "--output", str(tmp_path / "out")))
+    code, log = finished(
+        infer_cli("--bundle", str(bundle), "--input", str(tmp_path), "--output", str(tmp_path / "out"))
+    )
     assert code == 2 and "inside --input" in log
 
 
@@ -120,7 +133,10 @@ def test_whole_run_errors(bundle, tmp_path):
 def many_inputs(tmp_path_factory) -> Path:
     inputs = tmp_path_factory.mktemp("many")
     for index in range(8):
-        nib.save(nib.Nifti1Image(volume((32, 32, 32), index), oblique_affine(degrees=5.0 * index)), inputs / f"case_{index}.nii.gz")
+        nib.save(
+            nib.Nifti1Image(volume((32, 32, 32), index), oblique_affine(degrees=5.0 * index)),
+            inputs / f"case_{index}.nii.gz",
+        )
     return inputs
 
 
@@ -141,8 +157,12 @@ def test_interrupted_run_resumes_without_duplicates_or_truncated_files(bundle, m
     assert code == 0, log
     rows = summary_rows(outputs)
     assert sorted(Path(r["file"]).name for r in rows) == sorted(p.name for p in many_inputs.iterdir())
-    assert {Path(r["file"]).name.replace(".nii.gz", "_seg.nii.gz") for r in rows if r["status"] == "skipped"} == done_before
-    assert sorted(p.name for p in outputs.glob("*_seg.nii.gz")) == sorted(p.name.replace(".nii.gz", "_seg.nii.gz") for p in many_inputs.iterdir())
+    assert {
+        Path(r["file"]).name.replace(".nii.gz", "_seg.nii.gz") for r in rows if r["status"] == "skipped"
+    } == done_before
+    assert sorted(p.name for p in outputs.glob("*_seg.nii.gz")) == sorted(
+        p.name.replace(".nii.gz", "_seg.nii.gz") for p in many_inputs.iterdir()
+    )
     assert not [p for p in outputs.iterdir() if ".partial" in p.name or p.name == ".claims"]  # the killed run's too
 
     # with every output there, a rerun skips everything without loading the model (here: without one to load)
@@ -154,7 +174,9 @@ def test_interrupted_run_resumes_without_duplicates_or_truncated_files(bundle, m
 
 def test_torchrun_processes_every_file_once(bundle, many_inputs, tmp_path):
     outputs = tmp_path / "out"
-    code, log = finished(infer_cli("--bundle", str(bundle), "--input", str(many_inputs), "--output", str(outputs), torchrun=True))
+    code, log = finished(
+        infer_cli("--bundle", str(bundle), "--input", str(many_inputs), "--output", str(outputs), torchrun=True)
+    )
     assert code == 0, log
     rows = summary_rows(outputs)
     assert sorted(Path(r["file"]).name for r in rows) == sorted(p.name for p in many_inputs.iterdir())

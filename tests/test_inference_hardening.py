@@ -126,8 +126,10 @@ def test_every_input_is_processed_or_reported_with_its_root_cause(bundle, tmp_pa
     entries = {p.relative_to(inputs).as_posix() for p in inputs.rglob("*") if p.is_file() or p.is_symlink()}
     assert set(rows) == entries | {"folder.nii.gz"}  # every file and link, and the folder named like an image
     ok = {  # input -> output: colliding names get distinct outputs; same names in two sub-folders stay apart
-        "case.nii": "case_nii_seg.nii.gz", "case.nii.gz": "case_nii_gz_seg.nii.gz",
-        "a/same.nii.gz": "a/same_seg.nii.gz", "b/same.nii.gz": "b/same_seg.nii.gz",
+        "case.nii": "case_nii_seg.nii.gz",
+        "case.nii.gz": "case_nii_gz_seg.nii.gz",
+        "a/same.nii.gz": "a/same_seg.nii.gz",
+        "b/same.nii.gz": "b/same_seg.nii.gz",
         "nan_patch.nii.gz": "nan_patch_seg.nii.gz",
     }
     for name, output in ok.items():

@@ -40,14 +40,18 @@ def _free_port() -> int:
 
 def _request(url: str, method: str = "GET", body: dict | None = None, timeout: float = 300) -> bytes:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"} if data else {})
+    request = urllib.request.Request(
+        url, data=data, method=method, headers={"Content-Type": "application/json"} if data else {}
+    )
     with urllib.request.urlopen(request, timeout=timeout) as response:
         return response.read()
 
 
 def _app(name: str, target: Path) -> Path:
     """Copy the wheel's ``monaibundle`` sample app (installed under the environment's prefix) or our app."""
-    source = LABEL_VENV / "monailabel" / "sample-apps" / "monaibundle" if name == "monaibundle" else REPO / "apps" / name
+    source = (
+        LABEL_VENV / "monailabel" / "sample-apps" / "monaibundle" if name == "monaibundle" else REPO / "apps" / name
+    )
     assert source.is_dir(), f"{source} missing"
     shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__"))
     (target / "model").mkdir()
@@ -98,7 +102,7 @@ def label_server(tmp_path, untrained_bundle, request):
     log_path = tmp_path / "server.log"
     env = {
         **os.environ,
-        # the monailabel launcher runs `python` from PATH: the label environment's, as after `source .venv-label/bin/activate`
+        # the monailabel launcher runs `python` from PATH: the label environment's (as after activating .venv-label)
         "PATH": f"{LABEL_VENV / 'bin'}{os.pathsep}{os.environ['PATH']}",
         "VIRTUAL_ENV": str(LABEL_VENV),
         "BUNDLE_DOWNLOAD_SRC": "github",
@@ -106,12 +110,31 @@ def label_server(tmp_path, untrained_bundle, request):
         "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
     }
     command = [
-        str(executable), "start_server", "--app", str(app), "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port),
+        str(executable),
+        "start_server",
+        "--app",
+        str(app),
+        "--studies",
+        str(studies),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
         # local bundles only: any source but "monaihosting" makes MONAI Label use model/<name> without downloading
-        "--conf", "models", name, "--conf", "zoo_source", "github", "--conf", "sam2", "false",
+        "--conf",
+        "models",
+        name,
+        "--conf",
+        "zoo_source",
+        "github",
+        "--conf",
+        "sam2",
+        "false",
     ]
     with open(log_path, "w") as log:
-        server = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env, start_new_session=True)
+        server = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env=env, start_new_session=True
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 240
@@ -151,7 +174,9 @@ def _wait_for_training(base: str, log_path: Path, timeout: float = 420) -> dict:
     pytest.fail(f"training did not finish in {timeout} s:\n{log_path.read_text()[-4000:]}")
 
 
-@pytest.mark.parametrize("label_server", [("monaibundle", "sa_seg3d"), ("monaibundle", "sa_seg")], indirect=True, ids=["sa_seg3d", "sa_seg"])
+@pytest.mark.parametrize(
+    "label_server", [("monaibundle", "sa_seg3d"), ("monaibundle", "sa_seg")], indirect=True, ids=["sa_seg3d", "sa_seg"]
+)
 def test_segmentation_bundle_infers_and_trains_in_monai_label(label_server, tmp_path):
     base, bundle, studies, log_path = label_server
     name = bundle.name
@@ -160,7 +185,9 @@ def test_segmentation_bundle_infers_and_trains_in_monai_label(label_server, tmp_
     assert f"Adding Bundle from Local: {name}" in log and "from NGC" not in log and "from Zoo" not in log  # no download
     assert name in info["models"], info["models"].keys()
     assert name in info["trainers"]
-    channel_def = json.loads((bundle / "configs" / "metadata.json").read_text())["network_data_format"]["outputs"]["pred"]["channel_def"]
+    channel_def = json.loads((bundle / "configs" / "metadata.json").read_text())["network_data_format"]["outputs"][
+        "pred"
+    ]["channel_def"]
     assert info["models"][name]["labels"] == {v: int(k) for k, v in channel_def.items() if v != "background"}
 
     image = min(studies.glob("*.nii.gz"))
@@ -195,7 +222,9 @@ def test_segmentation_bundle_infers_and_trains_in_monai_label(label_server, tmp_
 def test_classification_bundle_infers_in_our_app(label_server):
     base, bundle, studies, log_path = label_server
     info = json.loads(_request(f"{base}/info/"))
-    channel_def = json.loads((bundle / "configs" / "metadata.json").read_text())["network_data_format"]["outputs"]["pred"]["channel_def"]
+    channel_def = json.loads((bundle / "configs" / "metadata.json").read_text())["network_data_format"]["outputs"][
+        "pred"
+    ]["channel_def"]
     assert info["models"]["sa_cls"]["labels"] == {v: int(k) for k, v in channel_def.items()}
     assert "sa_cls" not in info["trainers"]  # the datastore holds label images, not class indices
     image_id = min(studies.glob("*.nii.gz")).name[: -len(".nii.gz")]

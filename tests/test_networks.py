@@ -5,8 +5,14 @@ from monai.bundle import ConfigParser
 from monai_qsa.networks import SAResNet, SAUNet, StandAloneSelfAttention
 from monai_qsa.utils.complexity import count_flops, count_parameters, serialized_size
 
-UNET_CASES = [(2, (1, 1, 32, 28), dict(features=(8, 16, 32), num_heads=2)), (3, (1, 2, 12, 10, 9), dict(features=(6, 12), num_heads=2, kernel_size=3))]
-RESNET_CASES = [(2, (2, 1, 32, 32), dict(block_inplanes=(8, 16, 16, 32), num_heads=2)), (3, (2, 1, 16, 16, 16), dict(layers=(1, 1), block_inplanes=(6, 12), num_heads=2, kernel_size=3))]
+UNET_CASES = [
+    (2, (1, 1, 32, 28), dict(features=(8, 16, 32), num_heads=2)),
+    (3, (1, 2, 12, 10, 9), dict(features=(6, 12), num_heads=2, kernel_size=3)),
+]
+RESNET_CASES = [
+    (2, (2, 1, 32, 32), dict(block_inplanes=(8, 16, 16, 32), num_heads=2)),
+    (3, (2, 1, 16, 16, 16), dict(layers=(1, 1), block_inplanes=(6, 12), num_heads=2, kernel_size=3)),
+]
 
 
 @pytest.mark.parametrize("dims,shape,kwargs", UNET_CASES)
@@ -49,8 +55,23 @@ def test_saresnet_presets_and_every_spatial_conv_is_attention():
 
 def test_networks_from_bundle_config():
     config = {
-        "unet": {"_target_": "monai_qsa.networks.nets.SAUNet", "spatial_dims": 2, "in_channels": 1, "out_channels": 2, "features": [8, 16], "num_heads": 2},
-        "resnet": {"_target_": "monai_qsa.networks.nets.SAResNet", "spatial_dims": 2, "in_channels": 1, "num_classes": 3, "layers": [1, 1], "block_inplanes": [8, 16], "num_heads": 2},
+        "unet": {
+            "_target_": "monai_qsa.networks.nets.SAUNet",
+            "spatial_dims": 2,
+            "in_channels": 1,
+            "out_channels": 2,
+            "features": [8, 16],
+            "num_heads": 2,
+        },
+        "resnet": {
+            "_target_": "monai_qsa.networks.nets.SAResNet",
+            "spatial_dims": 2,
+            "in_channels": 1,
+            "num_classes": 3,
+            "layers": [1, 1],
+            "block_inplanes": [8, 16],
+            "num_heads": 2,
+        },
     }
     parser = ConfigParser(config)
     assert isinstance(parser.get_parsed_content("unet"), SAUNet)

@@ -94,7 +94,7 @@ def test_saved_artifact_loads_in_fresh_process(trained, tmp_path):
         assert model.monai_qsa_metadata["labels"] == ["bg", "fg"], model.monai_qsa_metadata
         assert model.monai_qsa_metadata["backend"] == "x86_inductor"
         with torch.no_grad():
-            torch.save(model(torch.load({str(tmp_path / 'x.pt')!r})), {str(tmp_path / 'y.pt')!r})
+            torch.save(model(torch.load({str(tmp_path / "x.pt")!r})), {str(tmp_path / "y.pt")!r})
         """
     )
     subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
@@ -117,7 +117,9 @@ def test_artifact_size_of_default_saunet(tmp_path):
 def test_3d_convolutions_int8_in_storage_and_in_eager_arithmetic(tmp_path, caplog):
     # the sa_seg3d network: Inductor has no int8 3D convolution, so x86_inductor stores its weights in int8 (and
     # says so); x86_eager computes them in int8
-    net = SAUNet(spatial_dims=3, in_channels=1, out_channels=2, features=(8, 16, 32, 64), kernel_size=3, num_heads=2).eval()
+    net = SAUNet(
+        spatial_dims=3, in_channels=1, out_channels=2, features=(8, 16, 32, 64), kernel_size=3, num_heads=2
+    ).eval()
     x = torch.randn(2, 1, 16, 16, 16)
     with caplog.at_level("WARNING", logger="monai_qsa.quantization.ptq"):
         qmodel = quantize_ptq(net, [x], x)
@@ -151,7 +153,9 @@ def test_monai_cnn_and_classifier_quantize():
     "make_network",
     [
         lambda: resnet18(spatial_dims=2, n_input_channels=1, num_classes=3),  # shared self.act, out += residual
-        lambda: UNet(2, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=2),  # output_padding in its up-sampling
+        lambda: UNet(
+            2, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=2
+        ),  # output_padding in its up-sampling
     ],
     ids=["resnet18", "UNet"],
 )
@@ -167,7 +171,11 @@ def test_monai_networks_quantize_with_pt2e(make_network):
         assert torch.allclose(compiled(x), q(x), atol=0.05)
     assert run_mode(compiled) == "compiled"
     assert relative_error < 0.2
-    int8_convolutions = [n for n in q.program.graph.nodes if "dequantize" in str(n.target) and n.args and getattr(n.args[0], "op", "") == "get_attr"]
+    int8_convolutions = [
+        n
+        for n in q.program.graph.nodes
+        if "dequantize" in str(n.target) and n.args and getattr(n.args[0], "op", "") == "get_attr"
+    ]
     assert len(int8_convolutions) >= 5
 
 

@@ -9,10 +9,16 @@ from monai_qsa.networks.blocks import StandAloneSelfAttention
 
 def reference_sasa(layer: StandAloneSelfAttention, x: torch.Tensor) -> torch.Tensor:
     """Slow, obviously correct SASA: explicit loops over batch, heads, positions and offsets."""
-    dims, ksize, dil, heads, d = layer.spatial_dims, layer.kernel_size, layer.dilation, layer.num_heads, layer.head_channels
-    qkv = torch.nn.functional.conv1d(
-        x.flatten(2), layer.qkv.weight.flatten(1).unsqueeze(-1), layer.qkv.bias
-    ).reshape((x.shape[0], 3 * layer.out_channels) + tuple(x.shape[2:]))
+    dims, ksize, dil, heads, d = (
+        layer.spatial_dims,
+        layer.kernel_size,
+        layer.dilation,
+        layer.num_heads,
+        layer.head_channels,
+    )
+    qkv = torch.nn.functional.conv1d(x.flatten(2), layer.qkv.weight.flatten(1).unsqueeze(-1), layer.qkv.bias).reshape(
+        (x.shape[0], 3 * layer.out_channels) + tuple(x.shape[2:])
+    )
     q, k, v = qkv.split(layer.out_channels, dim=1)
     spatial = tuple(x.shape[2:])
     out = torch.zeros((x.shape[0], layer.out_channels) + spatial, dtype=torch.float64)
@@ -68,6 +74,7 @@ def test_traced_path_equals_eager(dims, cin, cout, ksize, heads, stride, dil, sp
     torch.testing.assert_close(exported.module()(x), layer(x), atol=1e-5, rtol=1e-4)
     out, attn = torch.export.export(layer, (x,), kwargs={"return_attention": True}).module()(x, return_attention=True)
     eager_out, eager_attn = layer(x, return_attention=True)
+    torch.testing.assert_close(out, eager_out, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(attn, eager_attn, atol=1e-6, rtol=1e-5)
 
 

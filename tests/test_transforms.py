@@ -7,7 +7,11 @@ from monai_qsa.transforms import Spacingd
 
 
 def test_spacingd_keeps_string_entries_and_inverts():
-    image = MetaTensor(torch.rand(1, 8, 10, 6), affine=torch.diag(torch.tensor([1.0, 1.0, 2.0, 1.0])), meta={"filename_or_obj": "case.nii.gz"})
+    image = MetaTensor(
+        torch.rand(1, 8, 10, 6),
+        affine=torch.diag(torch.tensor([1.0, 1.0, 2.0, 1.0])),
+        meta={"filename_or_obj": "case.nii.gz"},
+    )
     data = {"image": image, "image_path": "/studies/case.nii.gz", "image_meta_dict": {}}
     with pytest.raises(AttributeError):  # what MONAI Label hits with MONAI's own transform
         MonaiSpacingd(keys="image", pixdim=(2.0, 2.0, 2.0))(dict(data))

@@ -22,7 +22,14 @@ def _scatter(report: dict, value: str, xlabel: str, path: Path) -> Path:
             x = row["timing"][str(threads)][value]
             if x is None:
                 continue
-            axes.errorbar(x, row["metric"]["mean"], yerr=row["metric"]["std"], fmt=marker, color=_COLOURS[key], label=f"{LABELS[key]}, {threads} thr")
+            axes.errorbar(
+                x,
+                row["metric"]["mean"],
+                yerr=row["metric"]["std"],
+                fmt=marker,
+                color=_COLOURS[key],
+                label=f"{LABELS[key]}, {threads} thr",
+            )
     axes.set_xscale("log")  # CNN and SA, fp32 and int8 differ by orders of magnitude
     axes.set_xlabel(xlabel)
     axes.set_ylabel(f"{report['metric']} (validation)")

@@ -14,7 +14,15 @@ import torch
 from monai_qsa.benchmark.plots import LABELS, write_plots
 from monai_qsa.utils.cpu import cpu_flags, cpu_model
 
-__all__ = ["machine_info", "relative_figures", "markdown_report", "write_report", "update_readme", "PUBLISHED_RANGES", "LABELS"]
+__all__ = [
+    "machine_info",
+    "relative_figures",
+    "markdown_report",
+    "write_report",
+    "update_readme",
+    "PUBLISHED_RANGES",
+    "LABELS",
+]
 
 #: reductions of SA int8 vs CNN fp32 claimed by Sathish, Khare & Sheet (2022), in percent
 PUBLISHED_RANGES = {"size": (50, 80), "parameters": (60, 80), "flops": (40, 85), "energy": (65, 80)}
@@ -67,7 +75,15 @@ def _percent(value: float | None) -> str:
 def markdown_table(report: dict) -> str:
     """The comparison table and the relative figures, as Markdown."""
     threads = report["threads"]
-    header = ["model", "parameters", "size (KiB)", "GMAC", *[f"latency ms, {t} thr (min–max)" for t in threads], *[f"energy J/case, {t} thr" for t in threads], report["metric"]]
+    header = [
+        "model",
+        "parameters",
+        "size (KiB)",
+        "GMAC",
+        *[f"latency ms, {t} thr (min–max)" for t in threads],
+        *[f"energy J/case, {t} thr" for t in threads],
+        report["metric"],
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for key, row in report["models"].items():
         timing = row["timing"]
@@ -85,8 +101,13 @@ def markdown_table(report: dict) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     relative = report["relative"]
-    lines += ["", f"SA int8 vs CNN fp32 ({relative['threads']} threads for energy and latency):", "",
-              "| figure | this run | published |", "|---|---|---|"]
+    lines += [
+        "",
+        f"SA int8 vs CNN fp32 ({relative['threads']} threads for energy and latency):",
+        "",
+        "| figure | this run | published |",
+        "|---|---|---|",
+    ]
     for name, (low, high) in PUBLISHED_RANGES.items():
         lines.append(f"| {name} reduction | {_percent(relative[name])} | {low}–{high} % |")
     lines.append(f"| latency SA int8 / CNN fp32 | {relative['latency_ratio']:.2f}x | — |")
@@ -98,19 +119,28 @@ def markdown_report(report: dict) -> str:
     machine = report["machine"]
     methods = {row["timing"][str(t)]["energy_method"] for row in report["models"].values() for t in report["threads"]}
     modes = {LABELS[k]: row["timing"]["mode"] for k, row in report["models"].items()}
-    return "\n".join([
-        f"# monai_qsa benchmark: {report['task']}",
-        "",
-        markdown_table(report),
-        "",
-        f"- {report['metric']}: {report['metric_split']}; mean ± std over seeds {report['seeds']}, {report['epochs']} epochs each.",
-        f"- CNN baseline ({report['baseline']}): `{report['networks']['cnn']['_target_']}`; SA: `{report['networks']['sa']['_target_']}`; same data, transforms, loss, optimiser, schedule and seed.",
-        f"- GMAC: multiply-adds of one network input of shape {report['flops_input_shape']} (int8 rows: the same operations in int8). Sizes: fp32 state_dict, int8 `.pt2` file.",
-        f"- Latency: median per case (min–max) over at least {report['repeats']} passes and {report['min_seconds']:g} s per model and thread count; run modes {modes}.",
-        f"- Energy: {'; '.join(sorted(methods))}.",
-        f"- Machine: {machine['cpu']} ({', '.join(machine['isa']) or 'no AVX2/AVX-512'}; torch CPU capability {machine['torch_cpu_capability']}), {machine['logical_cpus']} logical CPUs, torch {machine['torch']}, MONAI {machine['monai']}, Python {machine['python']}.",
-        "",
-    ])
+    return "\n".join(
+        [
+            f"# monai_qsa benchmark: {report['task']}",
+            "",
+            markdown_table(report),
+            "",
+            f"- {report['metric']}: {report['metric_split']}; "
+            f"mean ± std over seeds {report['seeds']}, {report['epochs']} epochs each.",
+            f"- CNN baseline ({report['baseline']}): `{report['networks']['cnn']['_target_']}`; "
+            f"SA: `{report['networks']['sa']['_target_']}`; "
+            "same data, transforms, loss, optimiser, schedule and seed.",
+            f"- GMAC: multiply-adds of one network input of shape {report['flops_input_shape']} "
+            "(int8 rows: the same operations in int8). Sizes: fp32 state_dict, int8 `.pt2` file.",
+            f"- Latency: median per case (min–max) over at least {report['repeats']} passes "
+            f"and {report['min_seconds']:g} s per model and thread count; run modes {modes}.",
+            f"- Energy: {'; '.join(sorted(methods))}.",
+            f"- Machine: {machine['cpu']} ({', '.join(machine['isa']) or 'no AVX2/AVX-512'}; "
+            f"torch CPU capability {machine['torch_cpu_capability']}), {machine['logical_cpus']} logical CPUs, "
+            f"torch {machine['torch']}, MONAI {machine['monai']}, Python {machine['python']}.",
+            "",
+        ]
+    )
 
 
 def write_report(report: dict, output: Path) -> None:

@@ -33,14 +33,23 @@ def _measure(spec: dict, work_dir: Path) -> dict:
     """Run :mod:`monai_qsa.benchmark.measure` for one model in a fresh process."""
     spec_path, result_path = work_dir / f"{spec['name']}.spec.json", work_dir / f"{spec['name']}.result.json"
     spec_path.write_text(json.dumps(spec))
-    completed = subprocess.run([sys.executable, "-m", "monai_qsa.benchmark.measure", str(spec_path), str(result_path)], capture_output=True, text=True, check=False)
+    completed = subprocess.run(
+        [sys.executable, "-m", "monai_qsa.benchmark.measure", str(spec_path), str(result_path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if completed.returncode != 0:
         raise RuntimeError(f"timing {spec['name']} failed:\n{completed.stderr[-3000:]}")
     return json.loads(result_path.read_text())
 
 
 def _summary(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "values": values}
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
 
 
 def _complexity_rows(name: str, network: torch.nn.Module, report: dict, checkpoint: Path) -> dict:
@@ -51,8 +60,19 @@ def _complexity_rows(name: str, network: torch.nn.Module, report: dict, checkpoi
     parameters, flops = count_parameters(network), count_flops(network, example)
     int8_path = _int8_path(report)
     return {
-        f"{name}_fp32": {"parameters": parameters, "flops": flops, "size_bytes": serialized_size(network), "file": str(checkpoint)},
-        f"{name}_int8": {"parameters": parameters, "flops": flops, "size_bytes": serialized_size(int8_path), "file": str(int8_path), "accepted": bool(report["accepted"])},
+        f"{name}_fp32": {
+            "parameters": parameters,
+            "flops": flops,
+            "size_bytes": serialized_size(network),
+            "file": str(checkpoint),
+        },
+        f"{name}_int8": {
+            "parameters": parameters,
+            "flops": flops,
+            "size_bytes": serialized_size(int8_path),
+            "file": str(int8_path),
+            "accepted": bool(report["accepted"]),
+        },
     }
 
 
@@ -79,7 +99,8 @@ def run_benchmark(
         output: folder for the trained runs (``runs/<cnn|sa>/seed<k>``), the report and plots.
         dataset_dir: Decathlon-style dataset; default ``output/data``, where the built-in synthetic dataset is
             written if missing.
-        epochs: training epochs of both models (default per task, see :data:`~monai_qsa.benchmark.tasks.BENCHMARK_TASKS`).
+        epochs: training epochs of both models (default per task, see
+            :data:`~monai_qsa.benchmark.tasks.BENCHMARK_TASKS`).
         seeds: training seeds; the metric is reported as mean ± std over them, the timings use the first seed's models.
         repeats: timed passes over the cases per model and thread count (at least).
         min_seconds: keep timing passes until this long has passed, so that CodeCarbon (sampling power about once a
@@ -117,7 +138,12 @@ def run_benchmark(
     definitions = {"cnn": cnn_network_def(sa_def, baseline), "sa": sa_def}
 
     # stages: one training per model and seed, one timing per model and precision, the report
-    bar = tqdm(total=len(seeds) * len(MODELS) + 2 * len(MODELS) + 1, desc=f"benchmark {task}", disable=not progress, unit="stage")
+    bar = tqdm(
+        total=len(seeds) * len(MODELS) + 2 * len(MODELS) + 1,
+        desc=f"benchmark {task}",
+        disable=not progress,
+        unit="stage",
+    )
     reports: dict[str, dict[int, dict]] = {m: {} for m in MODELS}
     for seed in seeds:
         for model in MODELS:
@@ -140,9 +166,17 @@ def run_benchmark(
                 name = f"{model}_{precision}"
                 bar.set_postfix_str(f"time {name}")
                 timing_spec = {
-                    "name": name, "precision": precision, "network_def": definitions[model], "checkpoint": str(checkpoint),
-                    "int8_path": str(_int8_path(report)), "compile": compile and precision == "int8",
-                    "bundle_dir": str(bundle), "dataset_dir": str(dataset), "max_cases": max_cases, "repeats": repeats, "min_seconds": min_seconds,
+                    "name": name,
+                    "precision": precision,
+                    "network_def": definitions[model],
+                    "checkpoint": str(checkpoint),
+                    "int8_path": str(_int8_path(report)),
+                    "compile": compile and precision == "int8",
+                    "bundle_dir": str(bundle),
+                    "dataset_dir": str(dataset),
+                    "max_cases": max_cases,
+                    "repeats": repeats,
+                    "min_seconds": min_seconds,
                     "threads": list(threads),
                 }
                 rows[name]["timing"] = _measure(timing_spec, Path(work))

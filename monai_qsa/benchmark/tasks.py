@@ -68,10 +68,22 @@ def cnn_network_def(sa_def: dict, baseline: str = "matched") -> dict:
         if baseline == "standard":
             return {"_target_": "monai.networks.nets.BasicUNet", **io}
         features = list(sa_def["features"])
-        return {"_target_": "monai.networks.nets.UNet", **io, "channels": features, "strides": [2] * (len(features) - 1), "num_res_units": 2}
+        return {
+            "_target_": "monai.networks.nets.UNet",
+            **io,
+            "channels": features,
+            "strides": [2] * (len(features) - 1),
+            "num_res_units": 2,
+        }
     if target == "SAResNet":
         io = {"spatial_dims": dims, "n_input_channels": sa_def["in_channels"], "num_classes": sa_def["num_classes"]}
         if baseline == "standard":
             return {"_target_": "monai.networks.nets.resnet18", **io}
-        return {"_target_": "monai.networks.nets.ResNet", "block": "basic", "layers": list(sa_def["layers"]), "block_inplanes": list(sa_def["block_inplanes"]), **io}
+        return {
+            "_target_": "monai.networks.nets.ResNet",
+            "block": "basic",
+            "layers": list(sa_def["layers"]),
+            "block_inplanes": list(sa_def["block_inplanes"]),
+            **io,
+        }
     raise ValueError(f"no CNN baseline is defined for {sa_def['_target_']}.")

@@ -34,7 +34,9 @@ class _TaskSpec:
 SYNTHETIC_TASKS = {
     "seg2d": _TaskSpec((96, 112), (0.9, 1.2), (64, 16, 8), "2D segmentation of bright elliptical lesions"),
     "seg3d": _TaskSpec((48, 48, 40), (1.2, 1.2, 1.6), (24, 6, 4), "3D segmentation of bright ellipsoidal lesions"),
-    "cls": _TaskSpec((64, 64), (0.8, 0.8), (120, 30, 12), f"2D classification of one shape per image: {', '.join(CLASS_NAMES)}"),
+    "cls": _TaskSpec(
+        (64, 64), (0.8, 0.8), (120, 30, 12), f"2D classification of one shape per image: {', '.join(CLASS_NAMES)}"
+    ),
 }
 
 
@@ -90,7 +92,9 @@ def _classification_case(rng: np.random.Generator, shape: tuple[int, int], kind:
     return (1000 * image).astype(np.float32)
 
 
-def make_synthetic_dataset(task: str, root_dir: str | os.PathLike, seed: int = 0, num_cases: tuple[int, int, int] | None = None) -> Path:
+def make_synthetic_dataset(
+    task: str, root_dir: str | os.PathLike, seed: int = 0, num_cases: tuple[int, int, int] | None = None
+) -> Path:
     """Write the built-in synthetic dataset of ``task`` under ``root_dir`` in Decathlon layout.
 
     ``root_dir/dataset.json`` lists ``training`` and ``validation`` (image and label) and ``test`` (image only)
@@ -117,7 +121,9 @@ def make_synthetic_dataset(task: str, root_dir: str | os.PathLike, seed: int = 0
     spec = SYNTHETIC_TASKS[task]
     root = Path(root_dir)
     if root.exists() and any(root.iterdir()):
-        raise FileExistsError(f"{root} exists and is not empty; the synthetic dataset is only written into a new folder.")
+        raise FileExistsError(
+            f"{root} exists and is not empty; the synthetic dataset is only written into a new folder."
+        )
     counts = spec.splits if num_cases is None else tuple(num_cases)
     if len(counts) != 3 or min(counts) < 0 or counts[0] < 1:
         raise ValueError(f"num_cases must be (training >= 1, validation >= 0, test >= 0), got {num_cases}.")

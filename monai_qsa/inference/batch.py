@@ -35,7 +35,12 @@ from monai_qsa.utils.energy import EnergyMeter
 from monai_qsa.utils.nifti import partial_files, save_nifti
 
 __all__ = [
-    "run_batch_inference", "list_inputs", "case_stem", "output_path", "SUMMARY_COLUMNS", "OutputFolderError",
+    "run_batch_inference",
+    "list_inputs",
+    "case_stem",
+    "output_path",
+    "SUMMARY_COLUMNS",
+    "OutputFolderError",
     "BundleLoadError",
 ]
 
@@ -178,8 +183,14 @@ class _BatchRun:
     """The cases of one process: what is done already, claims, processing, writing outputs."""
 
     def __init__(
-        self, bundle: Path, input_dir: Path, output_dir: Path, targets: dict[Path, Path] | None, int8: bool,
-        overwrite: bool, device: str,
+        self,
+        bundle: Path,
+        input_dir: Path,
+        output_dir: Path,
+        targets: dict[Path, Path] | None,
+        int8: bool,
+        overwrite: bool,
+        device: str,
     ) -> None:
         self.bundle, self.input_dir, self.output_dir, self.targets = bundle, input_dir, output_dir, targets
         self.int8, self.overwrite, self.device = int8, overwrite, device

@@ -19,8 +19,16 @@ from monai.bundle import ConfigParser
 from monai.transforms import Compose, LoadImaged, SaveImaged
 
 __all__ = [
-    "BundleRunner", "CaseError", "ImageHeader", "read_image_header", "bundle_metadata", "predicts_segmentation",
-    "root_cause", "describe_error", "MAX_IMAGE_VOXELS", "MIN_SPATIAL_SIZE",
+    "BundleRunner",
+    "CaseError",
+    "ImageHeader",
+    "read_image_header",
+    "bundle_metadata",
+    "predicts_segmentation",
+    "root_cause",
+    "describe_error",
+    "MAX_IMAGE_VOXELS",
+    "MIN_SPATIAL_SIZE",
 ]
 
 MAX_IMAGE_VOXELS = 1024**3

@@ -19,7 +19,9 @@ def _out_of_place(graph_module: torch.fx.GraphModule) -> None:
         if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
         name = node.target.overloadpacket.__name__
-        functional = getattr(torch.ops.aten, name[:-1], None) if name.endswith("_") and not name.startswith("_") else None
+        functional = (
+            getattr(torch.ops.aten, name[:-1], None) if name.endswith("_") and not name.startswith("_") else None
+        )
         overload = getattr(functional, node.target._overloadname, None) if functional is not None else None
         mutated = node.args[0] if node.args else None
         if overload is None or not isinstance(mutated, torch.fx.Node) or mutated.op != "call_function":

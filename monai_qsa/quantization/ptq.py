@@ -33,7 +33,9 @@ def quiet_ao_deprecations() -> Iterator[None]:
     """Hide torch.ao's deprecation notices for eager quantisation; other warnings and all errors still surface."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", module=r"torch\.ao(\..*)?")
-        warnings.filterwarnings("ignore", message=r".*(torch\.ao\.quantization|quantized tensor creation|reduce_range).*")
+        warnings.filterwarnings(
+            "ignore", message=r".*(torch\.ao\.quantization|quantized tensor creation|reduce_range).*"
+        )
         yield
 
 
@@ -44,7 +46,10 @@ def _is_image(x) -> bool:
 def _input_dynamic_shapes(example_inputs: tuple, spatial: bool = True) -> tuple:
     """Batch size, and with ``spatial`` the image size, of each image input may vary; channels are fixed."""
     auto = torch.export.Dim.AUTO
-    return tuple({d: auto for d in range(x.ndim) if d == 0 or (spatial and d > 1)} if _is_image(x) else None for x in example_inputs)
+    return tuple(
+        {d: auto for d in range(x.ndim) if d == 0 or (spatial and d > 1)} if _is_image(x) else None
+        for x in example_inputs
+    )
 
 
 def _first_line(error: Exception) -> str:
@@ -60,20 +65,26 @@ def export_for_quantization(model: nn.Module, example_inputs: tuple) -> torch.ex
     warning; sliding-window inference feeds them that size.
     """
     # torch.export specialises dimensions of size 1, so a batch of one would fix the batch size: export on two
-    example_inputs = tuple(x.repeat(2, *[1] * (x.ndim - 1)) if _is_image(x) and x.shape[0] == 1 else x for x in example_inputs)
+    example_inputs = tuple(
+        x.repeat(2, *[1] * (x.ndim - 1)) if _is_image(x) and x.shape[0] == 1 else x for x in example_inputs
+    )
     try:
         return torch.export.export(model, example_inputs, dynamic_shapes=_input_dynamic_shapes(example_inputs))
     except Exception as error:
         any_size_error = error
     try:
-        program = torch.export.export(model, example_inputs, dynamic_shapes=_input_dynamic_shapes(example_inputs, spatial=False))
+        program = torch.export.export(
+            model, example_inputs, dynamic_shapes=_input_dynamic_shapes(example_inputs, spatial=False)
+        )
     except Exception:
         raise ValueError(
             f"{type(model).__name__} cannot be captured by torch.export, which the x86_inductor backend needs: "
             f"{_first_line(any_size_error)}. Use backend='x86_eager'."
         ) from any_size_error
     sizes = [tuple(x.shape[2:]) for x in example_inputs if _is_image(x)]
-    logger.warning(f"{type(model).__name__} is exported for image size {sizes} only (for any size: {_first_line(any_size_error)})")
+    logger.warning(
+        f"{type(model).__name__} is exported for image size {sizes} only (for any size: {_first_line(any_size_error)})"
+    )
     return program
 
 
@@ -126,7 +137,7 @@ def _weight_only_int8_convolutions(graph_module: torch.fx.GraphModule) -> int:
         if axis is None or node.args[1].op != "get_attr" or (node.args[6:7] or [1])[0] != 1:
             continue  # not such a convolution with stored weights, or a grouped one (kept fp32)
         if axis == 1 and any((node.args[5:6] or [[0]])[0]):
-            continue  # output_padding (MONAI UNet's up-sampling): Inductor's int8 weight lowering fails on it, kept fp32
+            continue  # output_padding (MONAI UNet's up-sampling): Inductor's int8 lowering fails on it, kept fp32
         weight_node = node.args[1]
         weight = operator.attrgetter(weight_node.target)(graph_module).detach()
         reduce_dims = [d for d in range(weight.ndim) if d != axis]
@@ -135,7 +146,11 @@ def _weight_only_int8_convolutions(graph_module: torch.fx.GraphModule) -> int:
         shape[axis] = -1
         int8 = (weight / scale.reshape(shape)).round().clamp(-128, 127).to(torch.int8)
         prefix = weight_node.target.replace(".", "_")
-        for suffix, tensor in (("int8", int8), ("scale", scale), ("zero_point", torch.zeros_like(scale, dtype=torch.int64))):
+        for suffix, tensor in (
+            ("int8", int8),
+            ("scale", scale),
+            ("zero_point", torch.zeros_like(scale, dtype=torch.int64)),
+        ):
             graph_module.register_buffer(f"{prefix}_{suffix}", tensor)
         with graph_module.graph.inserting_before(node):
             inputs = [graph_module.graph.get_attr(f"{prefix}_{suffix}") for suffix in ("int8", "scale", "zero_point")]
@@ -225,7 +240,9 @@ def _quantize_eager(model: nn.Module, batches: Iterator[torch.Tensor], inferer: 
     from torch.ao.quantization import convert, get_default_qconfig, prepare
 
     if "x86" not in torch.backends.quantized.supported_engines:
-        raise RuntimeError(f"the x86 quantized engine is not available (supported: {torch.backends.quantized.supported_engines}).")
+        raise RuntimeError(
+            f"the x86 quantized engine is not available (supported: {torch.backends.quantized.supported_engines})."
+        )
     torch.backends.quantized.engine = "x86"
     with quiet_ao_deprecations():
         _fold_batch_norms(model)

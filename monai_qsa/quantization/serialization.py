@@ -30,9 +30,9 @@ import torch
 from torch import nn
 
 import monai_qsa
+from monai_qsa.quantization.ptq import InferenceGraph, export_for_quantization, quiet_ao_deprecations
 from monai_qsa.utils.files import atomic_write
 from monai_qsa.utils.third_party import import_torchao_pt2e
-from monai_qsa.quantization.ptq import InferenceGraph, export_for_quantization, quiet_ao_deprecations
 
 __all__ = ["save_quantized", "load_quantized", "FORMAT_VERSION", "METADATA_FILE", "GRAPH_FILE", "TENSORS_FILE"]
 
@@ -63,8 +63,25 @@ _DENIED_OPERATORS = frozenset({"aten.from_file", "aten.save", "aten._print", "at
 #: Python functions export graphs call on symbolic sizes
 _SIZE_FUNCTIONS = {
     f"operator.{name}": getattr(operator, name)
-    for name in ("getitem", "add", "sub", "mul", "floordiv", "truediv", "mod", "neg", "eq", "ne", "lt",
-                 "le", "gt", "ge", "and_", "or_", "not_")
+    for name in (
+        "getitem",
+        "add",
+        "sub",
+        "mul",
+        "floordiv",
+        "truediv",
+        "mod",
+        "neg",
+        "eq",
+        "ne",
+        "lt",
+        "le",
+        "gt",
+        "ge",
+        "and_",
+        "or_",
+        "not_",
+    )
 } | {
     f"torch.{name}": getattr(torch, name)
     for name in ("sym_max", "sym_min", "sym_int", "sym_float", "sym_not", "sym_ite")
@@ -146,25 +163,39 @@ def _encode_program(program: torch.export.ExportedProgram) -> tuple[dict, bytes]
             raise NotImplementedError(f"int8 artifacts cannot store {spec.kind.name} graph input {spec.arg.name}.")
         value = (program.constants if spec.kind.name == "CONSTANT_TENSOR" else program.state_dict)[spec.target]
         tensor_bytes += b"\0" * (-len(tensor_bytes) % _TENSOR_ALIGNMENT)
-        tensors.append({
-            "node": spec.arg.name, "attribute": spec.target, "parameter": spec.kind.name == "PARAMETER",
-            "dtype": str(value.dtype).removeprefix("torch."), "shape": list(value.shape), "offset": len(tensor_bytes),
-        })
+        tensors.append(
+            {
+                "node": spec.arg.name,
+                "attribute": spec.target,
+                "parameter": spec.kind.name == "PARAMETER",
+                "dtype": str(value.dtype).removeprefix("torch."),
+                "shape": list(value.shape),
+                "offset": len(tensor_bytes),
+            }
+        )
         tensor_bytes += _tensor_bytes(value, spec.target)
     nodes, outputs = [], None
     for node in program.graph.nodes:
         if node.op == "call_function":
-            nodes.append({
-                "name": node.name, "target": _operator_name(node.target),
-                "args": _encode_value(list(node.args)),
-                "kwargs": {key: _encode_value(value) for key, value in node.kwargs.items()},
-            })
+            nodes.append(
+                {
+                    "name": node.name,
+                    "target": _operator_name(node.target),
+                    "args": _encode_value(list(node.args)),
+                    "kwargs": {key: _encode_value(value) for key, value in node.kwargs.items()},
+                }
+            )
         elif node.op == "output":
             outputs = _encode_value(list(node.args[0]))
         elif node.op != "placeholder":
             raise NotImplementedError(f"int8 artifacts store operator calls only, not {node.op} node {node.name}.")
-    graph = {"inputs": inputs, "tensors": tensors, "nodes": nodes, "outputs": outputs,
-             "single_output": out_spec.is_leaf()}
+    graph = {
+        "inputs": inputs,
+        "tensors": tensors,
+        "nodes": nodes,
+        "outputs": outputs,
+        "single_output": out_spec.is_leaf(),
+    }
     return graph, bytes(tensor_bytes)
 
 
@@ -438,7 +469,7 @@ def _decode_value(value: Any, values: dict[str, torch.fx.Node]) -> Any:
         return [_decode_value(item, values) for item in value]
     if not isinstance(value, dict) or len(value) != 1:
         raise _InvalidArtifact(f"{GRAPH_FILE} holds an argument it cannot decode: {str(value)[:80]!r}.")
-    (tag, content), = value.items()
+    ((tag, content),) = value.items()
     if tag == "node":
         if content not in values:
             raise _InvalidArtifact(f"{GRAPH_FILE} uses {str(content)[:80]!r} before defining it.")

@@ -25,7 +25,13 @@ class Spacingd(monai.transforms.Spacingd):
 
     def __call__(self, data: Mapping[Hashable, object], lazy: bool | None = None) -> dict:
         d = dict(data)
-        set_aside = {name: d.pop(name) for name in list(d) if isinstance(name, str) and not isinstance(d[name], dict) and any(name.startswith(f"{key}_") for key in self.keys)}
+        set_aside = {
+            name: d.pop(name)
+            for name in list(d)
+            if isinstance(name, str)
+            and not isinstance(d[name], dict)
+            and any(name.startswith(f"{key}_") for key in self.keys)
+        }
         result = super().__call__(d, lazy=lazy)
         result.update(set_aside)
         return result

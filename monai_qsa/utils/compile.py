@@ -71,7 +71,8 @@ class CompiledForCPU(nn.Module):
         except torch._dynamo.exc.BackendCompilerFailed as error:
             self.eager_fallback = next((line for line in str(error).splitlines() if "Error" in line), str(error)[:200])
             warnings.warn(
-                f"Inductor could not compile {type(self.module).__name__} ({self.eager_fallback}); it runs eagerly (slower) from now on.",
+                f"Inductor could not compile {type(self.module).__name__} ({self.eager_fallback}); "
+                "it runs eagerly (slower) from now on.",
                 RuntimeWarning,
                 stacklevel=2,
             )

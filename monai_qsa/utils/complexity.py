@@ -59,5 +59,7 @@ def serialized_size(model_or_path: nn.Module | torch.export.ExportedProgram | st
     elif isinstance(model_or_path, nn.Module):
         torch.save(model_or_path.state_dict(), buffer)
     else:
-        raise TypeError(f"model_or_path must be a path, nn.Module or ExportedProgram, got {type(model_or_path).__name__}.")
+        raise TypeError(
+            f"model_or_path must be a path, nn.Module or ExportedProgram, got {type(model_or_path).__name__}."
+        )
     return buffer.getbuffer().nbytes

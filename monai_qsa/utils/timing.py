@@ -1,12 +1,16 @@
-"""Wall-clock timing of repeated calls, shared by the quantisation report, inference and the benchmarks."""
+"""Wall-clock timing of repeated calls and peak memory of one call, shared by the quantisation report, inference
+and the benchmark scripts."""
 
 from __future__ import annotations
 
+import ctypes
+import os
 import statistics
+import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["repeated_seconds", "median_seconds"]
+__all__ = ["median_seconds", "peak_memory_bytes", "repeated_seconds"]
 
 
 def repeated_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> list[float]:
@@ -26,3 +30,33 @@ def repeated_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1
 def median_seconds(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> float:
     """Median wall time of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
     return statistics.median(repeated_seconds(fn, repeats, warmup))
+
+
+def _rss_bytes() -> int:
+    """Resident set size of this process (Linux)."""
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_memory_bytes(fn: Callable[[], object], interval_s: float = 0.0005) -> int:
+    """Peak growth of the resident set while ``fn()`` runs, sampled every ``interval_s`` seconds.
+
+    Freed heap is first returned to the OS (``malloc_trim``) so the baseline holds only live data; the
+    figure is therefore the extra memory one call needs (inputs and weights excluded).
+    """
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    baseline, peak, done = _rss_bytes(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_bytes())
+            time.sleep(interval_s)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        sampler.join()
+    return max(peak[0], _rss_bytes()) - baseline

@@ -1,4 +1,11 @@
-from .attention import ATTENTION_STATISTICS, attention_layers, attention_maps, attention_statistics, default_layers, upsample_to_grid
+from .attention import (
+    ATTENTION_STATISTICS,
+    attention_layers,
+    attention_maps,
+    attention_statistics,
+    default_layers,
+    upsample_to_grid,
+)
 from .explain import explain, explain_case, save_overlay
 from .saliency import SALIENCY_METHODS, ClassScore, gradcam_layer, predicted_region, saliency_maps
 

@@ -1,4 +1,4 @@
-from . import local_attention_int8  # registers torch.ops.monai_qsa.local_attention_int8 (int8 artifacts call it)
+from . import local_attention_int8  # noqa: F401 (registers torch.ops.monai_qsa.local_attention_int8 for int8 artifacts)
 from .sa_unit import SAUnit
 from .sasa import StandAloneSelfAttention
 

@@ -119,10 +119,20 @@ class SAResNet(nn.Module):
         if len(layers) != len(block_inplanes) or not layers:
             raise ValueError(f"layers {layers} and block_inplanes {block_inplanes} must be non-empty and equally long.")
         if any(p % num_heads for p in block_inplanes):
-            raise ValueError(f"every entry of block_inplanes {block_inplanes} must be divisible by num_heads ({num_heads}).")
+            raise ValueError(
+                f"every entry of block_inplanes {block_inplanes} must be divisible by num_heads ({num_heads})."
+            )
         self.spatial_dims = spatial_dims
         stem: list[nn.Module] = [
-            Convolution(spatial_dims, in_channels, stem_features, strides=stem_stride, kernel_size=7 if stem_stride > 1 else 3, norm=norm, act=act)
+            Convolution(
+                spatial_dims,
+                in_channels,
+                stem_features,
+                strides=stem_stride,
+                kernel_size=7 if stem_stride > 1 else 3,
+                norm=norm,
+                act=act,
+            )
         ]
         if stem_stride > 1:
             stem.append(Pool[Pool.MAX, spatial_dims](kernel_size=3, stride=2, padding=1))
@@ -143,6 +153,9 @@ class SAResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != self.spatial_dims + 2:
-            raise ValueError(f"SAResNet with spatial_dims={self.spatial_dims} expects a (B, C, *spatial) input, got {tuple(x.shape)}.")
+            raise ValueError(
+                f"SAResNet with spatial_dims={self.spatial_dims} expects a (B, C, *spatial) input, "
+                f"got {tuple(x.shape)}."
+            )
         x = self.pool(self.stages(self.stem(x))).flatten(1)
         return self.fc(self.dropout(x))

@@ -125,7 +125,9 @@ class SAUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != self.spatial_dims + 2:
-            raise ValueError(f"SAUNet with spatial_dims={self.spatial_dims} expects a (B, C, *spatial) input, got {tuple(x.shape)}.")
+            raise ValueError(
+                f"SAUNet with spatial_dims={self.spatial_dims} expects a (B, C, *spatial) input, got {tuple(x.shape)}."
+            )
         x = self.stem(x)
         skips = []
         for level, block in enumerate(self.encoder):

@@ -6,22 +6,18 @@ medians and ratios measured in this run.
 
 Inputs are random (latency does not depend on the values); calibration uses 2 random batches.
 
-    python benchmarks/bench_quantization.py [--repeats 5] [--cases 2d 3d attention-2d attention-3d]
+    python perf/bench_quantization.py [--repeats 5] [--cases 2d 3d attention-2d attention-3d]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import warnings
 
 import torch
 from monai.networks.nets import BasicUNet
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import median_seconds
 
 from monai_qsa.networks import SAUNet
 from monai_qsa.networks.blocks.local_attention_int8 import (
@@ -33,6 +29,7 @@ from monai_qsa.quantization import quantize_ptq, save_quantized
 from monai_qsa.quantization.int8_attention import quantize_attention_int8
 from monai_qsa.utils.compile import compile_for_cpu
 from monai_qsa.utils.complexity import count_flops, count_parameters, serialized_size
+from monai_qsa.utils.timing import median_seconds
 
 #: input shape and the two networks of each case: SAUNet as in the sa_seg / sa_seg3d bundles, BasicUNet default
 CASES = {

@@ -10,28 +10,24 @@ MONAI's UNet with the same channels; 1 and 2 threads.
 
 Prints medians and ratios measured in this run.
 
-    python benchmarks/bench_sasa.py [--repeats 5] [--part all|inference|training]
+    python perf/bench_sasa.py [--repeats 5] [--part all|inference|training]
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import os
-import sys
 
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import UNet
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import median_seconds, peak_memory_bytes
 
 from monai_qsa.networks.blocks import StandAloneSelfAttention
 from monai_qsa.networks.blocks.local_attention import relative_logits, relative_position_table
 from monai_qsa.networks.nets import SAUNet
 from monai_qsa.utils.compile import compile_for_cpu
 from monai_qsa.utils.complexity import count_flops
+from monai_qsa.utils.timing import median_seconds, peak_memory_bytes
 
 
 class UnfoldSASA(torch.nn.Module):

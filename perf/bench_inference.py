@@ -6,7 +6,7 @@ The bundle is copied to a temporary folder; it uses the trained models of ``bund
 (run its train.json first), otherwise freshly initialised fp32 weights quantised on random calibration data
 (throughput and memory do not depend on the weights).
 
-    python benchmarks/bench_inference.py [--counts 1 10 50]
+    python perf/bench_inference.py [--counts 1 10 50]
 """
 
 from __future__ import annotations
@@ -35,7 +35,11 @@ def prepare_bundle(root: Path) -> Path:
     bundle = root / "sa_seg3d"
     # models written afresh by this version of the code (throughput does not depend on training); a local
     # bundles/sa_seg3d/models may hold artifacts of older versions
-    shutil.copytree(REPO / "bundles" / "sa_seg3d", bundle, ignore=shutil.ignore_patterns("models", "logs", "eval", "data", "predictions"))
+    shutil.copytree(
+        REPO / "bundles" / "sa_seg3d",
+        bundle,
+        ignore=shutil.ignore_patterns("models", "logs", "eval", "data", "predictions"),
+    )
     models = bundle / "models"
     models.mkdir()
     parser = ConfigParser()
@@ -59,10 +63,22 @@ def write_volumes(folder: Path, count: int) -> None:
 
 def run(bundle: Path, inputs: Path, outputs: Path, int8: bool) -> tuple[float, int]:
     """Wall time and peak resident memory (bytes) of one ``infer`` process."""
-    command = [sys.executable, "-c", "import resource, runpy, sys; sys.argv = sys.argv[1:]; "
-               "code = 0\ntry:\n    runpy.run_module('monai_qsa', run_name='__main__')\nexcept SystemExit as e:\n    code = e.code\n"
-               "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)",
-               "monai_qsa", "infer", "--bundle", str(bundle), "--input", str(inputs), "--output", str(outputs)] + (["--int8"] if int8 else [])
+    command = [
+        sys.executable,
+        "-c",
+        "import resource, runpy, sys; sys.argv = sys.argv[1:]; "
+        "code = 0\ntry:\n    runpy.run_module('monai_qsa', run_name='__main__')\n"
+        "except SystemExit as e:\n    code = e.code\n"
+        "print('PEAK_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(code)",
+        "monai_qsa",
+        "infer",
+        "--bundle",
+        str(bundle),
+        "--input",
+        str(inputs),
+        "--output",
+        str(outputs),
+    ] + (["--int8"] if int8 else [])
     start = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env=dict(os.environ, TQDM_DISABLE="1"))
     seconds = time.perf_counter() - start
@@ -78,7 +94,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         bundle = prepare_bundle(root)
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; volumes 64x64x48; wall time includes process start and model load")
+        print(
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads; volumes 64x64x48; "
+            "wall time includes process start and model load"
+        )
         print(f"{'files':>6s} {'precision':9s} {'wall s':>8s} {'cases/min':>10s} {'peak MiB':>9s}")
         results = {}
         for count in args.counts:
@@ -87,12 +106,18 @@ def main() -> None:
             for int8 in (False, True):
                 seconds, peak = run(bundle, inputs, root / f"out_{count}_{int8}", int8)
                 results[(count, int8)] = (count / seconds * 60, peak)
-                print(f"{count:6d} {'int8' if int8 else 'fp32':9s} {seconds:8.1f} {count / seconds * 60:10.1f} {peak / 2**20:9.0f}")
+                print(
+                    f"{count:6d} {'int8' if int8 else 'fp32':9s} {seconds:8.1f} "
+                    f"{count / seconds * 60:10.1f} {peak / 2**20:9.0f}"
+                )
         for count in args.counts:
             print(f"{count} files: int8/fp32 throughput {results[(count, True)][0] / results[(count, False)][0]:.2f}x")
         first, last = args.counts[0], args.counts[-1]
         for int8 in (False, True):
-            print(f"{'int8' if int8 else 'fp32'}: peak memory {last} files / {first} file(s) = {results[(last, int8)][1] / results[(first, int8)][1]:.2f}x")
+            print(
+                f"{'int8' if int8 else 'fp32'}: peak memory {last} files / {first} file(s) = "
+                f"{results[(last, int8)][1] / results[(first, int8)][1]:.2f}x"
+            )
 
 
 if __name__ == "__main__":
