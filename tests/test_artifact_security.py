@@ -96,9 +96,9 @@ def test_loading_never_unpickles_and_the_model_compiles_with_the_fused_attention
     assert events == []
     assert model.monai_qsa_metadata["labels"] == ["a", "b"] and model.monai_qsa_metadata["format_version"] == 2
     graph = model.program.graph
-    attention = torch.ops.monai_qsa.local_attention.default
-    expected_cores = sum(n.target == attention for n in qmodel.program.graph.nodes)
-    assert sum(n.target == attention for n in graph.nodes) == expected_cores > 0
+    attention = {torch.ops.monai_qsa.local_attention.default, torch.ops.monai_qsa.local_attention_int8.default}
+    expected_cores = sum(n.target in attention for n in qmodel.program.graph.nodes)
+    assert sum(n.target in attention for n in graph.nodes) == expected_cores > 0
     compiled = compile_for_cpu(model, freezing=True)
     with torch.no_grad():
         torch.testing.assert_close(model(x), qmodel(x))
@@ -279,3 +279,75 @@ def test_files_that_are_not_zip_archives_are_refused(artifact, tmp_path):
     truncated = tmp_path / "truncated.pt2"
     truncated.write_bytes(artifact[0].read_bytes()[:-200])
     _load_fails(truncated, "not a readable zip archive")
+
+
+def _edit_first_attention(edit):
+    """A ``graph.json`` edit that passes the first ``local_attention_int8`` node to ``edit``."""
+
+    def apply(graph: dict) -> None:
+        edit(next(n for n in graph["nodes"] if n["target"] == "monai_qsa.local_attention_int8.default"))
+
+    return apply
+
+
+def _to_fp32_attention(kernel_size: int):
+    """Turn the node into an fp32 ``local_attention`` call (its first five arguments) with ``kernel_size``."""
+
+    def edit(node: dict) -> None:
+        node.update(
+            target="monai_qsa.local_attention.default", args=[*node["args"][:2], kernel_size, *node["args"][3:5]]
+        )
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    "edit, reason",
+    [
+        # a table of kernel size 3 with kernel_size 31: the C kernel would read far past the table and the images
+        (lambda node: node["args"].__setitem__(2, 31), "table must have shape"),
+        (_to_fp32_attention(31), "table must have shape"),
+        (lambda node: node["args"].__setitem__(2, 4), "kernel_size must be odd"),
+        (lambda node: node["args"].__setitem__(3, 0), "dilation must be between 1"),
+        (lambda node: node["args"].__setitem__(4, float("inf")), "scale must be a finite number"),
+        (lambda node: node["args"].__setitem__(5, -1.0), "q_scale must be a positive finite int8 scale"),
+        # the projection where the table should be, and the reverse
+        (lambda node: node["args"].__setitem__(1, node["args"][0]), "table must have shape"),
+        (lambda node: node["args"].__setitem__(0, node["args"][1]), "qkv must be a floating-point tensor"),
+    ],
+    ids=["int8-kernel-size", "fp32-kernel-size", "even-kernel", "dilation", "scale", "int8-scale", "qkv-as-table",
+         "table-as-qkv"],
+)  # fmt: skip
+def test_attention_call_with_mismatched_arguments_fails_with_a_value_error(artifact, tmp_path, edit, reason):
+    path, _, x = artifact
+    members = _edit_json(_members(path), GRAPH_FILE, _edit_first_attention(edit))
+    model = load_quantized(_write(tmp_path / "model_int8.pt2", members))  # arguments are checked when called
+    with torch.no_grad(), pytest.raises(ValueError, match=reason):
+        model(x)
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "aten.relu_.default",
+        "aten.set_.source_Tensor",
+        "aten.resize_.default",
+        "aten.as_strided_.default",
+        "aten.copy_.default",
+        "aten.add.out",
+        "aten.relu.out",
+        "aten.max_pool2d_with_indices_backward.grad_input",
+    ],
+)
+def test_graph_calling_an_operator_that_writes_to_its_arguments_is_refused(artifact, tmp_path, target):
+    def edit(graph: dict) -> None:
+        next(n for n in graph["nodes"] if n["target"] == "aten.relu.default").update(target=target)
+
+    members = _edit_json(_members(artifact[0]), GRAPH_FILE, edit)
+    _load_fails(_write(tmp_path / "model_int8.pt2", members), "calls", target, "write to none of their arguments")
+
+
+def test_genuine_graphs_call_no_operator_that_writes_to_its_arguments(artifact):
+    graph = json.loads(_members(artifact[0])[GRAPH_FILE])
+    targets = {node["target"] for node in graph["nodes"]}
+    assert "aten.relu.default" in targets and not [t for t in targets if t.split(".")[1].endswith("_")]

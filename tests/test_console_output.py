@@ -22,8 +22,7 @@ from monai.transforms import Orientationd as MonaiOrientationd
 import monai_qsa
 from monai_qsa.data import make_synthetic_dataset
 from monai_qsa.quantization import quantize_ptq, save_quantized
-from monai_qsa.transforms import Spacingd
-from monai_qsa.transforms.orientation import Orientationd
+from monai_qsa.transforms import Orientationd, Spacingd
 from monai_qsa.utils.third_party import quiet_import_noise
 
 REPO = Path(__file__).resolve().parents[1]

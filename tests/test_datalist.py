@@ -124,6 +124,15 @@ def test_unwritable_or_damaged_cache_means_no_cache(seg_data, tmp_path, monkeypa
         load_datalist(seg_data, "seg2d")
 
 
+def test_failed_cache_write_leaves_no_temporary_file(seg_data, cache_dir):
+    load_datalist(seg_data, "seg2d")
+    (cache_file,) = (cache_dir / "label_values").iterdir()
+    cache_file.unlink()
+    cache_file.mkdir()  # the cache cannot be replaced: its write fails after the data was written
+    assert len(load_datalist(seg_data, "seg2d")["validation"]) == 1
+    assert list((cache_dir / "label_values").iterdir()) == [cache_file]
+
+
 def test_num_classes_is_checked_against_dataset_labels(seg_data):
     with pytest.raises(ValueError, match="names 2 classes in 'labels', but the network has num_classes=3"):
         prepare_dataset(seg_data, "seg2d", num_classes=3)

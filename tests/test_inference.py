@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 
-def infer_cli(*args: str, torchrun: bool = False, **popen) -> subprocess.Popen:
+def infer_cli(*args: str, torchrun: bool = False, env: dict | None = None, **popen) -> subprocess.Popen:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"] if torchrun else [sys.executable]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     return subprocess.Popen(
         [*launcher, "-m", "monai_qsa", "infer", *args],
         env=env,

@@ -116,6 +116,8 @@ def test_every_input_is_processed_or_reported_with_its_root_cause(bundle, tmp_pa
     (inputs / "dangling.nii.gz").symlink_to(inputs / "gone.nii.gz")
     (inputs / "loop.nii.gz").symlink_to("loop.nii.gz")
     before = {p: p.read_bytes() for p in inputs.rglob("*") if p.is_file()}
+    outputs.mkdir()
+    (outputs / "case_seg.nii.gz").write_bytes(b"from a run before case.nii.gz was added")
 
     code, log = finished(
         infer_cli("--bundle", str(bundle), "--input", str(inputs), "--output", str(outputs), "--recursive")
@@ -136,6 +138,9 @@ def test_every_input_is_processed_or_reported_with_its_root_cause(bundle, tmp_pa
         assert rows[name]["status"] == "ok" and rows[name]["output"] == str(outputs / output), rows[name]
         assert nib.load(outputs / output).shape == nib.load(inputs / name).shape
     assert "same name stem" in rows["case.nii"]["reason"] and "same name stem" in rows["case.nii.gz"]["reason"]
+    orphan = f"{outputs / 'case_seg.nii.gz'} (an earlier run's, before the rename) is left in place"
+    assert orphan in rows["case.nii"]["reason"] and orphan in rows["case.nii.gz"]["reason"]
+    assert (outputs / "case_seg.nii.gz").read_bytes() == b"from a run before case.nii.gz was added"
     note = rows["nan_patch.nii.gz"]["reason"]
     assert "100 of 11520 voxels" in note and "replaced" in note
     expected_failures = {
@@ -269,3 +274,169 @@ def test_small_and_truncated_2d_images_are_refused_with_the_reason(tmp_path, unt
     with pytest.raises(CaseError, match=cut):
         runner.run(tmp_path / "cut.nii")
     assert runner.run(tmp_path / "slice.nii").pred.shape[-2:] == (40, 30)
+
+
+def test_partial_files_are_only_the_target_s_own(tmp_path):
+    from monai_qsa.utils.files import atomic_write, partial_files
+
+    own = tmp_path / ".partial.123.0123abcd.case1_seg.nii.gz"
+    others = [
+        ".partial.123.0123abcd.ct.case1_seg.nii.gz",  # a concurrent run's temporary file of ct.case1_seg.nii.gz
+        ".partial.x.0123abcd.case1_seg.nii.gz",
+        ".partial.123.0123ABCD.case1_seg.nii.gz",
+        ".partial.123.0123abcd.case1_seg.nii.gz.bak",
+        "case1_seg.nii.gz",
+    ]
+    for name in [own.name, *others]:
+        (tmp_path / name).write_bytes(b"x")
+    assert partial_files(tmp_path / "case1_seg.nii.gz") == [own]
+    with atomic_write(tmp_path / "case1_seg.nii.gz") as partial:  # the names atomic_write makes match
+        partial.write_bytes(b"y")
+        assert partial in partial_files(tmp_path / "case1_seg.nii.gz")
+    assert partial_files(tmp_path / "missing" / "x.nii.gz") == []
+
+
+def test_planted_symlinks_in_the_claims_folder_are_refused(tmp_path):
+    from monai_qsa.inference.claims import CLAIMS_FOLDER, CaseClaim, ClaimsFolderError
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    output = tmp_path / "out"
+    output.mkdir()
+    claim = CaseClaim(output, "case_seg.nii.gz")
+    (output / CLAIMS_FOLDER).mkdir()
+    claim.path.symlink_to(victim)  # a claim file planted as a symlink
+    with pytest.raises(ClaimsFolderError, match="symlink"):
+        claim.acquire(wait=False)
+    assert victim.read_text() == "precious"
+
+    claim.path.unlink()
+    (output / CLAIMS_FOLDER).rmdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (output / CLAIMS_FOLDER).symlink_to(elsewhere)  # the claims folder planted as a symlink
+    with pytest.raises(ClaimsFolderError, match="symlink or not a folder"):
+        claim.acquire(wait=False)
+    assert list(elsewhere.iterdir()) == []
+
+    (output / CLAIMS_FOLDER).unlink()
+    assert claim.acquire(wait=False)  # a folder of its own is created, private to its user
+    assert (output / CLAIMS_FOLDER).stat().st_mode & 0o077 == 0
+    claim.release()
+
+
+def test_claims_folder_of_another_user_is_refused(tmp_path, monkeypatch):
+    from monai_qsa.inference import claims
+
+    monkeypatch.setattr(claims.os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
+    with pytest.raises(claims.ClaimsFolderError, match="owned by another user"):
+        claims.CaseClaim(tmp_path, "case").acquire(wait=False)
+
+
+def test_a_device_is_validated_never_evaluated(bundle, tmp_path):
+    from monai_qsa.inference.bundle_runner import BundleRunner
+
+    marker = tmp_path / "injected"
+    evil = f"cpu'); import os; os.system('touch {marker}') #"
+    with pytest.raises(ValueError, match="is not a torch device"):
+        BundleRunner(bundle, device=evil)
+    inputs = tmp_path / "in"
+    save(inputs / "case.nii.gz", volume((20, 20, 20)))
+    code, log = finished(
+        infer_cli("--bundle", str(bundle), "--input", str(inputs), "--output", str(tmp_path / "out"), "--device", evil)
+    )
+    assert code == 2 and "is not a torch device" in log and "Traceback" not in log, log
+    assert not marker.exists()
+    assert BundleRunner(bundle, device="cpu").device.type == "cpu"  # an ordinary device still works
+
+
+def test_foreign_probabilities_csv_is_refused_before_processing(tmp_path, untrained_bundle):
+    bundle = untrained_bundle("sa_cls", tmp_path / "bundle")
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    save(inputs / "case.nii.gz", np.ones((20, 20), np.float32))
+    outputs.mkdir()
+    foreign = outputs / "probabilities.csv"
+    foreign.write_text("image,score\nx.nii.gz,0.5\n")
+    code, log = finished(infer_cli("--bundle", str(bundle), "--input", str(inputs), "--output", str(outputs)))
+    assert code == 2 and str(foreign) in log and "Traceback" not in log, log
+    assert foreign.read_text() == "image,score\nx.nii.gz,0.5\n"
+    assert not list(outputs.glob("inference_summary_*"))
+
+
+def test_classified_files_are_read_as_complete_utf8_records(tmp_path):
+    from monai_qsa.inference.batch import ProbabilitiesFileError, _ClassifiedFiles
+
+    columns = ("file", "p_a", "p_b")
+    path = tmp_path / "probabilities.csv"
+    classified = _ClassifiedFiles(path, columns)
+    assert "x" not in classified  # no file yet
+    path.write_bytes('file,p_a,p_b\r\n/in/é.nii.gz,0.5,0.5\r\n"/in/new\nline.nii.gz",0.1,0.9\r\n"/in/cut'.encode())
+    assert "/in/é.nii.gz" in classified and "/in/new\nline.nii.gz" in classified
+    assert not any("cut" in name for name in classified.files)  # a record being appended is read next time
+    with open(path, "ab") as f:
+        f.write(' ñ.nii.gz",0.3,0.7\r\n'.encode())
+    assert "/in/cut ñ.nii.gz" in classified
+    path.write_text("image,score\nx,1\n")
+    with pytest.raises(ProbabilitiesFileError, match=str(path)):
+        _ClassifiedFiles(path, columns).refresh()
+
+
+def test_stale_summary_parts_and_their_temporary_files_are_removed(tmp_path):
+    import fcntl
+
+    from monai_qsa.inference.batch import _SummaryPart
+
+    stale = [
+        tmp_path / ".inference_summary_1.rank0.partial.csv",
+        tmp_path / ".inference_summary_1.rank1.partial.csv.creating",
+        tmp_path / ".partial.99.0123abcd..inference_summary_1.rank2.partial.csv",
+    ]
+    for path in stale:
+        path.write_text("file\n")
+    live = _SummaryPart(tmp_path / ".inference_summary_2.rank0.partial.csv")
+    kept = tmp_path / "inference_summary_0.csv"
+    kept.write_text("file\n")
+    _SummaryPart.remove_stale(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.path.name, kept.name])
+    with open(live.path) as f, pytest.raises(BlockingIOError):
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # created locked
+    live.close(remove=True)
+
+
+def test_energy_meter_close_stops_the_tracker():
+    import threading
+
+    from monai_qsa.utils.energy import EnergyMeter
+
+    before = set(threading.enumerate())
+    meter = EnergyMeter(measure_power_secs=0.1)
+    meter.start()  # a phase left running, as when a case raises
+    meter.close()
+    meter.close()  # twice is harmless
+    time.sleep(0.5)
+    assert [t for t in threading.enumerate() if t not in before and t.is_alive()] == []
+    assert meter.stop() is None
+
+
+def test_a_rank_that_fails_stops_every_rank_with_the_same_status(bundle, tmp_path):
+    import socket
+
+    inputs, outputs = tmp_path / "in", tmp_path / "out"
+    save(inputs / "a.nii.gz", volume((20, 20, 20)))
+    save(inputs / "b.nii.gz", volume((20, 20, 20), 1))
+    outputs.mkdir()
+    (outputs / "b_seg.nii.gz").write_bytes(b"done")  # rank 1's only case is done: it never loads the model
+    (bundle / "models" / "model.pt").unlink()  # rank 0 cannot load it
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ranks = []
+    for rank in range(2):
+        env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2"}
+        env |= {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        ranks.append(infer_cli("--bundle", str(bundle), "--input", str(inputs), "--output", str(outputs), env=env))
+    results = [finished(process, timeout=180) for process in ranks]  # before the fix, rank 1 waited for ever
+    assert [code for code, _ in results] == [2, 2], results
+    assert "cannot load bundle" in results[0][1]
+    assert "another rank stopped on a whole-run error" in results[1][1]
+    assert sorted(p.name for p in outputs.iterdir()) == ["b_seg.nii.gz"]  # no summary, part or claim left

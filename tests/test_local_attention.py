@@ -409,3 +409,98 @@ def test_flop_counter_sees_the_training_operators():
     flops = counter.get_flop_counts()["Global"]
     assert flops[torch.ops.monai_qsa.local_attention_forward] == 2 * per_channel_and_position * (2 * 9 + 3)
     assert flops[torch.ops.monai_qsa.local_attention_backward] == 2 * per_channel_and_position * (5 * 9 + 2 * 3)
+
+
+# ---- argument checks: the operators are called by graphs a model file describes; the C kernels trust the shapes ----
+
+
+def _valid_problem(dims: int = 2) -> tuple:
+    """A matching (qkv, table, kernel_size, dilation, scale): 2 heads of 4 channels, kernel size 3."""
+    return torch.randn((1, 3, 2, 4) + (6, 7, 5)[:dims]), torch.randn(dims, 3, 4), 3, 1, 0.5
+
+
+MISMATCHED_FORWARD_ARGUMENTS = [
+    # (what changes, how, message): each changes one argument of _valid_problem()
+    ("table for kernel size 3 with kernel_size 31", lambda a: (a[0], a[1], 31, 1, 0.5), "table must have shape"),
+    ("qkv.shape[1] == 1", lambda a: (a[0][:, :1], *a[1:]), "qkv must be a floating-point tensor"),
+    ("qkv with 1 spatial dimension", lambda a: (a[0][..., 0], *a[1:]), "qkv must be"),
+    ("qkv with 4 spatial dimensions", lambda a: (a[0].unsqueeze(-1).unsqueeze(-1), *a[1:]), "qkv must be"),
+    ("3D table for 2D images", lambda a: (a[0], torch.randn(3, 3, 4), *a[2:]), "table must have shape"),
+    (
+        "table of another d_head",
+        lambda a: (a[0], torch.randn(2, 3, 8), *a[2:]),
+        r"table must have shape .* = \(2, 3, 4\)",
+    ),
+    ("even kernel_size", lambda a: (a[0], torch.randn(2, 4, 4), 4, 1, 0.5), "kernel_size must be odd"),
+    ("kernel_size 0", lambda a: (a[0], torch.randn(2, 0, 4), 0, 1, 0.5), "kernel_size must be odd"),
+    ("kernel_size -1", lambda a: (a[0], a[1], -1, 1, 0.5), "kernel_size must be odd"),
+    ("kernel_size past a C int", lambda a: (a[0], a[1], 2**32 + 3, 1, 0.5), "between 1 and 255"),
+    ("dilation 0", lambda a: (*a[:3], 0, 0.5), "dilation must be between 1"),
+    ("dilation past a C int", lambda a: (*a[:3], 2**32 + 1, 0.5), "dilation must be between 1"),
+    ("nan scale", lambda a: (*a[:4], float("nan")), "scale must be a finite number"),
+    ("infinite scale", lambda a: (*a[:4], float("-inf")), "scale must be a finite number"),
+    ("float64 table", lambda a: (a[0], a[1].double(), *a[2:]), "share one dtype and device"),
+    ("integer tensors", lambda a: (a[0].to(torch.int32), a[1].to(torch.int32), *a[2:]), "floating-point"),
+]
+
+
+@pytest.fixture
+def kernels_must_not_run(monkeypatch):
+    """Make any use of the C kernels fail the test: argument checks come first."""
+    import monai_qsa.networks.blocks.local_attention as module
+
+    def kernels():
+        raise AssertionError("the C kernels were reached with mismatched arguments")
+
+    monkeypatch.setattr(module, "_kernels", kernels)
+
+
+@pytest.mark.parametrize("operator", ["local_attention", "local_attention_forward"])
+@pytest.mark.parametrize(
+    "change, message",
+    [case[1:] for case in MISMATCHED_FORWARD_ARGUMENTS],
+    ids=[c[0] for c in MISMATCHED_FORWARD_ARGUMENTS],
+)
+def test_mismatched_arguments_are_a_value_error(operator, change, message, kernels_must_not_run):
+    with pytest.raises(ValueError, match=message) as error:
+        getattr(torch.ops.monai_qsa, operator)(*change(_valid_problem()))
+    assert f"monai_qsa.{operator}:" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda g, o, lse: (g[..., :-1], o, lse), "grad_out must have shape"),
+        (lambda g, o, lse: (g, o[:, :1], lse), "out must have shape"),
+        (lambda g, o, lse: (g, o, lse.unsqueeze(2)), "lse must have shape"),
+        (lambda g, o, lse: (g, o, lse[:, :, :1]), "lse must have shape"),
+        (lambda g, o, lse: (g.double(), o, lse), "grad_out is torch.float64"),
+        (lambda g, o, lse: (g, o, lse.to_sparse()), "lse must be a dense"),
+    ],
+    ids=["grad-width", "out-heads", "lse-dims", "lse-height", "grad-dtype", "sparse-lse"],
+)
+def test_backward_with_mismatched_saved_tensors_is_a_value_error(change, message):
+    qkv, table, kernel_size, dilation, scale = _valid_problem()
+    out, lse = local_attention_forward(qkv, table, kernel_size, dilation, scale)
+    grad_out, out, lse = change(torch.randn_like(out), out, lse)
+    with pytest.raises(ValueError, match=message):
+        torch.ops.monai_qsa.local_attention_backward(grad_out, qkv, table, out, lse, kernel_size, dilation, scale)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_backward_with_mismatched_forward_arguments_is_a_value_error(dims, kernels_must_not_run):
+    qkv, table, _, dilation, scale = _valid_problem(dims)
+    grad_out = out = torch.randn(qkv.shape[:1] + qkv.shape[2:])
+    lse = torch.randn(qkv.shape[:1] + qkv.shape[2:3] + qkv.shape[4:])
+    with pytest.raises(ValueError, match="table must have shape"):
+        torch.ops.monai_qsa.local_attention_backward(grad_out, qkv, table, out, lse, 31, dilation, scale)
+    with pytest.raises(ValueError, match="qkv must be"):
+        torch.ops.monai_qsa.local_attention_backward(grad_out, qkv[:, :2], table, out, lse, 3, dilation, scale)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_matching_arguments_pass_the_checks(dims):
+    problem = _valid_problem(dims)
+    expected = local_attention_reference(*problem)[0]
+    torch.testing.assert_close(torch.ops.monai_qsa.local_attention(*problem), expected)
+    torch.testing.assert_close(local_attention_forward(*problem)[0], expected)

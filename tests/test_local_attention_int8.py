@@ -210,7 +210,7 @@ def test_quantize_attention_int8_swaps_the_nodes_of_an_int8_saunet(tmp_path):
 
     net = SAUNet(spatial_dims=2, in_channels=1, out_channels=2, features=(8, 16), kernel_size=3, num_heads=2).eval()
     calibration, x = [torch.randn(1, 1, 16, 16) for _ in range(2)], torch.randn(1, 1, 16, 16)
-    qmodel = quantize_ptq(net, calibration, x)
+    qmodel = quantize_ptq(net, calibration, x, int8_attention=False)  # quantize_ptq swaps them itself by default
     with torch.no_grad():
         fp32_attention = qmodel(x)
         assert quantize_attention_int8(qmodel.program, calibration) == 6  # 3 SA blocks x 2 layers
@@ -233,3 +233,36 @@ def test_quantize_attention_int8_needs_calibration_data():
         quantize_attention_int8(program, [])
     assert [name for name, _ in program.named_children() if "observer" in name] == []
     torch.testing.assert_close(program(qkv, table), Fp32Attention()(qkv, table))
+
+
+@pytest.fixture
+def kernel_must_not_run(monkeypatch):
+    """Make any use of the int8 C kernel fail the test: argument checks come first."""
+    import monai_qsa.networks.blocks.local_attention_int8 as module
+
+    def library():
+        raise AssertionError("the int8 C kernel was reached with mismatched arguments")
+
+    monkeypatch.setattr(module, "_library", library)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: (a[0], a[1], 31, *a[3:]), "table must have shape"),  # table for kernel size 3
+        (lambda a: (a[0][:, :1], *a[1:]), "qkv must be a floating-point tensor"),
+        (lambda a: (a[0][:, :, :, :2], *a[1:]), r"table must have shape .* = \(2, 3, 2\)"),  # d_head 2, table for 4
+        (lambda a: (a[0].unsqueeze(-1), *a[1:]), r"table must have shape .* = \(3, 3, 4\)"),  # 3D images, 2D table
+        (lambda a: (a[0], a[1], 5, *a[3:]), "table must have shape"),
+        (lambda a: (a[0], torch.randn(2, 2, 4), 2, *a[3:]), "kernel_size must be odd"),
+        (lambda a: (*a[:3], -2, *a[4:]), "dilation must be between 1"),
+        (lambda a: (*a[:4], float("nan"), *a[5:]), "scale must be a finite number"),
+        (lambda a: (a[0], a[1].half(), *a[2:]), "share one dtype and device"),
+    ],
+    ids=["kernel-size", "qkv-parts", "d-head", "dims", "kernel-5", "even-kernel", "dilation", "scale", "dtype"],
+)
+def test_mismatched_arguments_are_a_value_error(change, message, kernel_must_not_run):
+    problem = (torch.randn(1, 3, 2, 4, 5, 6), torch.randn(2, 3, 4), 3, 1, 0.5, 0.02, 0.03, 0.04)
+    with pytest.raises(ValueError, match=message) as error:
+        torch.ops.monai_qsa.local_attention_int8(*change(problem))
+    assert "monai_qsa.local_attention_int8:" in str(error.value)

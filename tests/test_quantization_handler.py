@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from monai.transforms import AsDiscreted, Compose
 
 from monai_qsa.handlers import PostTrainingQuantizationHandler
 from monai_qsa.networks import SAUNet
-from monai_qsa.quantization import load_quantized, quantize_and_check
+from monai_qsa.quantization import QuantizationFailedError, load_quantized, quantize_and_check
 from monai_qsa.quantization.check import calibration_patches, higher_is_better
 
 
@@ -57,9 +58,7 @@ def _workflow(
         evaluator=evaluator,
         key_metric=key_metric,
         postprocessing=post,
-        output_dir=tmp_path,
-        checkpoint=tmp_path / "model.pt",
-        **handler_kwargs,
+        **({"output_dir": tmp_path, "checkpoint": tmp_path / "model.pt"} | handler_kwargs),
     )
     handler.attach(trainer)
     return trainer, evaluator, handler
@@ -121,6 +120,71 @@ def test_handler_failure_is_reported_and_the_run_ends(tmp_path):
     report = json.loads((tmp_path / "quantization_report.json").read_text())
     assert not report["accepted"] and "'image'" in report["error"]
     assert trainer.state.epoch == 6 and (tmp_path / "model.pt").is_file() and not (tmp_path / "model_int8.pt2").exists()
+
+
+def test_unwritable_output_dir_is_logged_and_the_run_ends(tmp_path, caplog):
+    not_a_folder = tmp_path / "not_a_folder"
+    not_a_folder.write_text("")
+    no_images = [{"img": torch.zeros(2, 1, 24, 24)}]  # the int8 step fails, and its report cannot be written
+    trainer, _, handler = _workflow(
+        tmp_path, {"calibration_loader": no_images, "compile": False, "output_dir": not_a_folder}
+    )
+    with caplog.at_level(logging.INFO):
+        trainer.run()
+    assert trainer.state.epoch == 6 and trainer.state.metrics["int8_accepted"] == 0.0
+    assert "'image'" in handler.report.error
+    assert f"report {not_a_folder / 'quantization_report.json'} could not be written" in caplog.text
+
+    # a failure before quantisation starts (a damaged checkpoint), with the same unwritable folder
+    caplog.clear()
+    handler.checkpoint = tmp_path / "damaged.pt"
+    handler.checkpoint.write_bytes(b"not a checkpoint")
+    with caplog.at_level(logging.INFO):
+        handler(trainer)
+    assert "could not start" in caplog.text and "could not be written" in caplog.text
+    assert handler.report.error is not None and trainer.state.metrics["int8_accepted"] == 0.0
+
+
+class _Unreadable:
+    def __iter__(self):
+        raise RuntimeError("calibration data cannot be read")
+
+
+def _tiny_network() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Conv2d(4, 2, 1)).eval()
+
+
+def test_failed_step_withdraws_a_deployable_file_of_an_earlier_run(tmp_path):
+    deployable = tmp_path / "model_int8.pt2"
+    deployable.write_bytes(b"int8 model of an earlier run")
+    with pytest.raises(QuantizationFailedError, match="cannot be read") as failure:
+        quantize_and_check(_tiny_network(), lambda network: 1.0, _Unreadable(), tmp_path, compile=False)
+    assert not deployable.exists()
+    report = json.loads((tmp_path / "quantization_report.json").read_text())
+    assert report == failure.value.report.to_dict() and "cannot be read" in report["error"] and not report["accepted"]
+
+
+def test_accepted_model_whose_save_fails_leaves_no_deployable_file(tmp_path, monkeypatch):
+    def failing_save(path, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("monai_qsa.quantization.check.save_quantized", failing_save)
+    deployable = tmp_path / "model_int8.pt2"
+    deployable.write_bytes(b"int8 model of an earlier run")
+    images = [torch.rand(2, 1, 8, 8)]
+    with pytest.raises(QuantizationFailedError, match="disk full") as failure:
+        quantize_and_check(_tiny_network(), lambda network: 1.0, images, tmp_path, compile=False, latency_repeats=0)
+    assert not deployable.exists() and failure.value.report.artifact is None
+    report = json.loads((tmp_path / "quantization_report.json").read_text())
+    assert report["metric_drop"] == 0.0 and not report["accepted"] and "disk full" in report["error"]
+
+    # an accepted x86_eager model cannot be saved: an earlier run's deployable file is withdrawn as well
+    deployable.write_bytes(b"int8 model of an earlier run")
+    eager = quantize_and_check(
+        _tiny_network(), lambda network: 1.0, images, tmp_path, backend="x86_eager", compile=False, latency_repeats=0
+    )
+    assert eager.accepted and eager.artifact is None and not deployable.exists()
 
 
 def test_handler_needs_evaluator_on_trainer(tmp_path):

@@ -16,6 +16,7 @@ import numpy as np
 
 from monai_qsa.data.synthetic import SYNTHETIC_TASKS, make_synthetic_dataset
 from monai_qsa.utils.cache import cache_dir
+from monai_qsa.utils.files import atomic_write
 
 __all__ = ["IMAGE_SUFFIXES", "prepare_dataset", "load_datalist", "image_shape", "folder_datalist", "label_values"]
 
@@ -86,10 +87,8 @@ def _write_cache(cache_file: Path, entries: dict) -> None:
     """Replace the cache in one step (concurrent ranks never see half a file); an unwritable cache folder means
     no cache, not an error."""
     try:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        partial = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
-        partial.write_text(json.dumps(entries))
-        os.replace(partial, cache_file)
+        with atomic_write(cache_file) as partial:  # a failed write leaves no temporary file behind
+            partial.write_text(json.dumps(entries))
     except OSError as error:
         logger.debug(f"label value cache {cache_file} not written ({error}): labels will be scanned again next time.")
 

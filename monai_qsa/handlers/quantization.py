@@ -21,6 +21,7 @@ from monai_qsa.quantization.check import (
     quantize_and_check,
     twin_evaluation,
     weights_fingerprint,
+    withdraw_artifact,
 )
 
 if TYPE_CHECKING:
@@ -55,9 +56,10 @@ class PostTrainingQuantizationHandler:
 
     A rejected int8 model is not saved under the deployable name (a stale one is removed), the log and the report
     say why, and the run still ends cleanly; so does a run whose int8 step fails: the error is logged and written to
-    the report, and the fp32 checkpoints stand. The figures land in ``engine.state.metrics`` with ``prefix``:
-    ``int8_metric``, ``int8_fp32_metric``, ``int8_metric_drop``, ``int8_accepted`` (1/0), ``int8_size_ratio``,
-    and, when latency is timed, ``int8_latency_ms`` and ``int8_latency_ratio`` (int8 / fp32).
+    the report (if the report cannot be written, e.g. ``output_dir`` is not a writable folder, the log says so), no
+    deployable int8 file is left, and the fp32 checkpoints stand. The figures land in ``engine.state.metrics`` with
+    ``prefix``: ``int8_metric``, ``int8_fp32_metric``, ``int8_metric_drop``, ``int8_accepted`` (1/0),
+    ``int8_size_ratio``, and, when latency is timed, ``int8_latency_ms`` and ``int8_latency_ratio`` (int8 / fp32).
 
     Args:
         evaluator: the validation evaluator (required on a trainer; defaults to the engine on an evaluator).
@@ -167,8 +169,27 @@ class PostTrainingQuantizationHandler:
         except Exception as error:  # before quantisation began: the checkpoint or the evaluator setup
             self.logger.exception("int8 quantisation could not start; the fp32 model is unaffected")
             self.report = QuantizationReport(self.options["backend"], error=f"{type(error).__name__}: {error}")
-            self.report.write(Path(self.options["output_dir"]) / self.options["report_name"])
+            self._report_failure(self.report, error)
         self._publish(engine, self.report)
+
+    def _report_failure(self, report: QuantizationReport, cause: Exception) -> None:
+        """For a step that could not start: remove a deployable file of an earlier run (it does not hold this run's
+        network) and write the report; a failure of either (e.g. an unwritable ``output_dir``) is logged next to
+        ``cause``, the step's own error, and the run goes on."""
+        output_dir = Path(self.options["output_dir"])
+        deployable, path = output_dir / self.options["artifact_name"], output_dir / self.options["report_name"]
+        try:
+            withdraw_artifact(report, deployable, "this run's int8 step could not start")
+        except OSError as remove_error:
+            report.error += f"; {deployable} could not be removed ({type(remove_error).__name__}: {remove_error})"
+            self.logger.error(f"{deployable} could not be removed ({remove_error}): do not deploy it.")
+        try:
+            report.write(path)
+        except Exception as write_error:
+            self.logger.error(
+                f"int8 quantisation report {path} could not be written ({type(write_error).__name__}: {write_error}); "
+                f"the step had failed with {type(cause).__name__}: {cause}"
+            )
 
     def _fp32_network(self, evaluator: Evaluator) -> nn.Module:
         """A CPU copy of the evaluator's network in eval mode, with the best checkpoint loaded when there is one."""

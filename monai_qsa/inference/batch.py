@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import fcntl
+import io
 import logging
 import os
 import secrets
@@ -26,13 +27,15 @@ from monai_qsa.inference.bundle_runner import (
     CaseResult,
     bundle_metadata,
     describe_error,
+    parse_device,
     predicts_segmentation,
 )
 from monai_qsa.inference.claims import CaseClaim, remove_claims_folder
 from monai_qsa.inference.inputs import InputEntry, assign_outputs, case_stem, list_inputs, output_path, scan_inputs
 from monai_qsa.utils.csv_rows import append_csv_row
 from monai_qsa.utils.energy import EnergyMeter
-from monai_qsa.utils.nifti import partial_files, save_nifti
+from monai_qsa.utils.files import atomic_write, partial_files
+from monai_qsa.utils.nifti import save_nifti
 
 __all__ = [
     "run_batch_inference",
@@ -42,6 +45,8 @@ __all__ = [
     "SUMMARY_COLUMNS",
     "OutputFolderError",
     "BundleLoadError",
+    "ProbabilitiesFileError",
+    "OtherRankError",
 ]
 
 SUMMARY_COLUMNS = ("file", "status", "reason", "output", "latency_s", "energy_j", "energy_method")
@@ -57,6 +62,22 @@ class OutputFolderError(OSError):
 
 class BundleLoadError(ValueError):
     """The bundle's inference pipeline or model cannot be loaded."""
+
+
+class ProbabilitiesFileError(ValueError):
+    """``probabilities.csv`` in the output folder is not one this bundle's rows can be appended to."""
+
+
+class OtherRankError(ValueError):
+    """Under torchrun, another rank stopped on a whole-run error: this rank stops too (same exit status)."""
+
+
+class _OtherRankCrash(RuntimeError):
+    """Under torchrun, another rank stopped on an unexpected error: this rank stops too."""
+
+
+class _Unlinked(Exception):
+    """A summary part's temporary file was removed by a concurrent run's clean-up before it was locked."""
 
 
 @dataclass
@@ -96,17 +117,37 @@ class _SummaryPart:
     """One process's rows of the run summary, in a hidden file it keeps locked while it runs, so that a part left
     by a killed run is recognised (its lock is free) and removed by the next run."""
 
-    PATTERN = ".inference_summary_*.partial.csv"
+    PATTERNS = (
+        ".inference_summary_*.partial.csv",  # parts
+        ".partial.*..inference_summary_*.partial.csv",  # parts being created (atomic_write's temporary names)
+        ".inference_summary_*.partial.csv.creating",  # parts being created, as earlier versions named them
+    )
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        creating = path.with_name(f"{path.name}.creating")  # locked before it takes a name other runs look at
-        self._file = open(creating, "w", newline="")  # noqa: SIM115 (open, and locked, for the whole run)
-        fcntl.flock(self._file, fcntl.LOCK_EX)
-        os.replace(creating, path)
+        while True:
+            try:
+                self._file = self._create(path)
+                break
+            except _Unlinked:
+                continue
         self._writer = csv.DictWriter(self._file, fieldnames=SUMMARY_COLUMNS)
         self._writer.writeheader()
         self._file.flush()
+
+    @staticmethod
+    def _create(path: Path):
+        """``path`` created empty and locked (it is locked before it takes a name other runs look at)."""
+        with atomic_write(path) as creating:
+            file = open(creating, "w", newline="")  # noqa: SIM115 (open, and locked, for the whole run)
+            try:
+                fcntl.flock(file, fcntl.LOCK_EX)
+                if os.fstat(file.fileno()).st_nlink == 0:  # removed by remove_stale between open and lock
+                    raise _Unlinked
+            except BaseException:
+                file.close()
+                raise
+        return file
 
     def write(self, record: CaseRecord) -> None:
         self._writer.writerow(asdict(record))
@@ -120,11 +161,13 @@ class _SummaryPart:
 
     @classmethod
     def remove_stale(cls, output_dir: Path) -> None:
-        """Remove the parts of killed runs (nobody holds their lock)."""
-        for part in output_dir.glob(cls.PATTERN):
+        """Remove the parts of killed runs, and the temporary files of parts they were creating (nobody holds
+        their lock)."""
+        stale = sorted({path for pattern in cls.PATTERNS for path in output_dir.glob(pattern)})
+        for part in stale:
             try:
-                fd = os.open(part, os.O_RDONLY)
-            except FileNotFoundError:
+                fd = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            except OSError:  # gone already, or not a plain file of a run (a symlink): left alone
                 continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -136,47 +179,93 @@ class _SummaryPart:
 
 
 def _write_summary(summary: Path, parts: list[Path]) -> None:
-    """Merge the summary parts into ``summary``, sorted by input, written under a temporary name and renamed."""
+    """Merge the summary parts into ``summary``, sorted by input, written through :func:`atomic_write`."""
     rows = []
     for part in parts:
         with open(part, newline="") as f:
             rows.extend(csv.DictReader(f))
-    partial = summary.with_name(f".{summary.name}.{os.getpid()}.tmp")
-    try:
-        with open(partial, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
-            writer.writeheader()
-            writer.writerows(sorted(rows, key=lambda row: row["file"]))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(partial, summary)
-    finally:
-        partial.unlink(missing_ok=True)
+    with atomic_write(summary) as partial, open(partial, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+        writer.writeheader()
+        writer.writerows(sorted(rows, key=lambda row: row["file"]))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def probability_columns(metadata: dict) -> tuple[str, ...]:
+    """The columns of ``probabilities.csv`` for a classification bundle: ``file``, then ``p_<class name>`` for each
+    output channel (its number from ``num_channels``, names from ``channel_def``, the index where there is none)."""
+    pred = metadata["network_data_format"]["outputs"]["pred"]
+    labels = pred.get("channel_def", {})
+    count = int(pred.get("num_channels", len(labels)))
+    return ("file", *(f"p_{labels.get(str(i), str(i))}" for i in range(count)))
 
 
 class _ClassifiedFiles:
-    """Inputs already in ``probabilities.csv``, read incrementally (concurrent runs append to it)."""
+    """Inputs already in ``probabilities.csv``, read incrementally (concurrent runs append to it); its header must
+    be ``columns``.
 
-    def __init__(self, path: Path) -> None:
-        self.path, self.files, self._offset, self._column = path, set(), 0, None
+    The file is read as bytes from where the last read ended, and only complete records are parsed (a record being
+    appended right now is read next time): a record ends at a line break outside quotes, i.e. after an even number
+    of quote characters.
+    """
+
+    def __init__(self, path: Path, columns: tuple[str, ...]) -> None:
+        self.path, self.columns, self.files, self._offset, self._header = path, columns, set(), 0, None
 
     def __contains__(self, file: str) -> bool:
-        self._refresh()
+        self.refresh()
         return file in self.files
 
-    def _refresh(self) -> None:
-        if not self.path.is_file():
+    def refresh(self) -> None:
+        """Read the records appended since the last call.
+
+        Raises:
+            ProbabilitiesFileError: the file is not UTF-8 text or its header is not ``columns``, naming the file.
+        """
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                data = f.read()
+        except FileNotFoundError:
             return
-        with open(self.path, newline="") as f:
-            f.seek(self._offset)
-            text = f.read()
-        complete = text[: text.rfind("\n") + 1]  # a row being appended right now is read next time
-        self._offset += len(complete.encode())
-        for row in csv.reader(complete.splitlines()):
-            if self._column is None:
-                self._column = row.index("file")
-            elif len(row) > self._column:
-                self.files.add(row[self._column])
+        complete = record_start = 0
+        end = data.find(b"\n")
+        while end != -1:
+            if data.count(b'"', record_start, end) % 2 == 0:
+                complete = record_start = end + 1
+            end = data.find(b"\n", end + 1)
+        if not complete:
+            return
+        try:
+            text = data[:complete].decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ProbabilitiesFileError(
+                f"{self.path} is not UTF-8 text ({error}); move it away or choose another --output"
+            ) from error
+        self._offset += complete
+        for row in csv.reader(io.StringIO(text, newline="")):
+            if not row:  # a blank line (after a line cut by a killed writer)
+                continue
+            if self._header is None:
+                check_probabilities_header(self.path, row, self.columns)
+                self._header = row
+            else:
+                self.files.add(row[0])
+
+
+def check_probabilities_header(path: Path, header: list[str], columns: tuple[str, ...]) -> None:
+    """Refuse a ``probabilities.csv`` whose header is not ``columns`` (rows of this bundle would not fit it)."""
+    if tuple(header) != columns:
+        raise ProbabilitiesFileError(
+            f"{path} exists with the columns {header}, but this bundle writes {list(columns)}: its rows cannot be "
+            "appended to it. Move the file away or choose another --output (the file is left untouched)."
+        )
+
+
+def _check_probabilities_file(path: Path, columns: tuple[str, ...]) -> None:
+    """The up-front check of an existing ``probabilities.csv`` (before any model is loaded)."""
+    _ClassifiedFiles(path, columns).refresh()
 
 
 class _BatchRun:
@@ -194,10 +283,15 @@ class _BatchRun:
     ) -> None:
         self.bundle, self.input_dir, self.output_dir, self.targets = bundle, input_dir, output_dir, targets
         self.int8, self.overwrite, self.device = int8, overwrite, device
-        self.classified = _ClassifiedFiles(output_dir / PROBABILITIES_CSV)
+        self.columns = probability_columns(bundle_metadata(bundle)) if targets is None else ()
+        self.classified = _ClassifiedFiles(output_dir / PROBABILITIES_CSV, self.columns)
         self.started = time.time()
         self.meter = EnergyMeter()
         self._runner: BundleRunner | None = None
+
+    def close(self) -> None:
+        """Stop the energy meter's tracker."""
+        self.meter.close()
 
     @property
     def runner(self) -> BundleRunner:
@@ -265,9 +359,12 @@ class _BatchRun:
         except OSError as error:
             reason = error.strerror or error
             raise OutputFolderError(f"cannot write {self._output_of(path)} (output of {path}): {reason}") from error
-        if self.targets is not None and self.targets[path] != output_path(self.input_dir, self.output_dir, path):
-            renamed = "output named after the whole file name: another input has the same name stem"
-            record.reason = "; ".join(filter(None, [record.reason, renamed]))
+        plain = output_path(self.input_dir, self.output_dir, path)
+        if self.targets is not None and self.targets[path] != plain:
+            notes = [record.reason, "output named after the whole file name: another input has the same name stem"]
+            if plain.exists():  # written before the twin was added; no input writes this name any more
+                notes.append(f"{plain} (an earlier run's, before the rename) is left in place: remove it if unwanted")
+            record.reason = "; ".join(filter(None, notes))
         return record
 
     def _write(self, runner: BundleRunner, path: Path, result: CaseResult) -> Path:
@@ -277,9 +374,14 @@ class _BatchRun:
                 stale.unlink(missing_ok=True)
             return save_nifti(result.pred, target, dtype="uint8")
         probabilities = [float(v) for v in result.pred.flatten()]
-        names = [runner.labels.get(str(i), str(i)) for i in range(len(probabilities))]
-        row = {"file": str(path), **{f"p_{name}": value for name, value in zip(names, probabilities)}}
-        append_csv_row(self._output_of(path), row, tuple(row))
+        if len(probabilities) != len(self.columns) - 1:
+            raise CaseError(
+                f"the bundle gave {len(probabilities)} class probabilities; its metadata declares "
+                f"{len(self.columns) - 1} ({', '.join(self.columns[1:])})"
+            )
+        self.classified.refresh()  # a file created meanwhile by another program with other columns is refused
+        row = {"file": str(path), **dict(zip(self.columns[1:], probabilities))}
+        append_csv_row(self._output_of(path), row, self.columns)
         return self._output_of(path)
 
 
@@ -305,7 +407,7 @@ def _record_of(run: _BatchRun, entry: InputEntry, wait: bool) -> CaseRecord | No
         return CaseRecord(str(entry.path), entry.status, entry.reason)
     try:
         return run.case(entry.path, wait)
-    except (OutputFolderError, BundleLoadError):
+    except (OutputFolderError, BundleLoadError, ProbabilitiesFileError):
         raise
     except Exception as error:  # a bug on one file must not stop the batch
         logger.exception(f"{entry.path}: unexpected failure")
@@ -345,20 +447,26 @@ def _run_shard(run: _BatchRun, shard: list[InputEntry], part: _SummaryPart, prog
     return failed
 
 
-def _prepare(bundle: Path, input_dir: Path, output_dir: Path, recursive: bool) -> tuple[list[InputEntry], dict | None]:
+def _prepare(
+    bundle: Path, input_dir: Path, output_dir: Path, recursive: bool, device: str
+) -> tuple[list[InputEntry], dict | None]:
     """Whole-run checks before any model is loaded; the input entries and, for segmentation, their outputs."""
+    parse_device(device)
     if not input_dir.is_dir():
         raise FileNotFoundError(f"--input {input_dir} is not a folder.")
     if output_dir == input_dir or input_dir in output_dir.parents:
         raise ValueError(
             f"--output {output_dir} is inside --input {input_dir}: outputs would mix with (and be read as) inputs."
         )
-    segmentation = predicts_segmentation(bundle_metadata(bundle))
+    metadata = bundle_metadata(bundle)
+    segmentation = predicts_segmentation(metadata)
     entries = scan_inputs(input_dir, recursive)
     if not entries:
         raise ValueError(f"--input {input_dir} holds no file{' (searched recursively)' if recursive else ''}.")
     files = [entry.path for entry in entries if not entry.status]
     targets = assign_outputs(files, input_dir, output_dir) if segmentation else None
+    if not segmentation:
+        _check_probabilities_file(output_dir / PROBABILITIES_CSV, probability_columns(metadata))
     check_output_writable(output_dir)
     return entries, targets
 
@@ -384,36 +492,51 @@ def run_batch_inference(
         OutputFolderError: the output folder cannot be written, found up front or when a write fails mid-run (the
             run stops there; completed outputs are kept, no summary is written).
         BundleLoadError: the bundle's model or pipeline cannot be loaded.
+        ProbabilitiesFileError: ``probabilities.csv`` in ``output_dir`` has other columns than this bundle writes.
+        OtherRankError: under torchrun, another rank stopped on a whole-run error (every rank stops with it).
     """
     bundle, input_dir, output_dir = Path(bundle).resolve(), Path(input_dir).resolve(), Path(output_dir).resolve()
-    entries, targets = _prepare(bundle, input_dir, output_dir, recursive)
+    entries, targets = _prepare(bundle, input_dir, output_dir, recursive, device)
     rank, world = _rank_and_world()
     if rank == 0:
         _SummaryPart.remove_stale(output_dir)
     summary = output_dir / _summary_name(world)  # (a broadcast: no rank creates its part before the clean-up)
-    try:
-        part = _SummaryPart(output_dir / f".{summary.stem}.rank{rank}.partial.csv")
-    except OSError as error:
-        raise OutputFolderError(f"--output {output_dir} cannot be written: {error.strerror or error}.") from error
-    run = _BatchRun(bundle, input_dir, output_dir, targets, int8=int8, overwrite=overwrite, device=device)
-    failed, stopped = 0, None
-    try:
-        failed = _run_shard(run, entries[rank::world], part, progress=rank == 0)
-    except OutputFolderError as error:
-        stopped = error
-    except BaseException:
-        part.close(remove=True)
-        raise
-    failed, stopped_anywhere = _gather(failed, stopped is not None, world)
-    if not stopped_anywhere and rank == 0:
+
+    def part_path(r: int) -> Path:
+        return output_dir / f".{summary.stem}.rank{r}.partial.csv"
+
+    part, run, failed, stopped, error = None, None, 0, None, None
+    try:  # every rank reaches the gather below, whatever happens here, so that no rank waits there for ever
         try:
-            _write_summary(summary, [part.path.with_name(f".{summary.stem}.rank{r}.partial.csv") for r in range(world)])
-        except OSError as error:
-            stopped = OutputFolderError(f"cannot write the run summary {summary}: {error.strerror or error}")
-    _finish(part, world)
+            part = _SummaryPart(part_path(rank))
+        except OSError as e:
+            raise OutputFolderError(f"--output {output_dir} cannot be written: {e.strerror or e}.") from e
+        run = _BatchRun(bundle, input_dir, output_dir, targets, int8=int8, overwrite=overwrite, device=device)
+        failed = _run_shard(run, entries[rank::world], part, progress=rank == 0)
+    except OutputFolderError as e:
+        stopped = e
+    except BaseException as e:
+        error = e
+    finally:
+        if run is not None:
+            run.close()
+    failed, stopped_anywhere, setup_errors, other_errors = _gather(failed, stopped is not None, error, world)
+    summary_error = None
+    if rank == 0 and not (stopped_anywhere or setup_errors or other_errors):
+        try:
+            _write_summary(summary, [part_path(r) for r in range(world)])
+        except OSError as e:
+            summary_error = OutputFolderError(f"cannot write the run summary {summary}: {e.strerror or e}")
+    summary_failed = _finish(part, world, summary_error is not None)
     remove_claims_folder(output_dir)
-    if stopped is not None or stopped_anywhere:
-        cause = stopped or f"another rank could not write to --output {output_dir}"
+    if error is not None:
+        raise error
+    if other_errors:
+        raise _OtherRankCrash(f"another rank stopped on an unexpected error (see its log); {NOT_WRITTEN}")
+    if setup_errors:
+        raise OtherRankError(f"another rank stopped on a whole-run error (see its message); {NOT_WRITTEN}")
+    if stopped is not None or summary_error is not None or stopped_anywhere or summary_failed:
+        cause = stopped or summary_error or f"another rank could not write to --output {output_dir}"
         raise OutputFolderError(
             f"{cause}. The run stopped: the outputs completed so far are kept (a rerun skips them); no summary was "
             "written."
@@ -423,19 +546,37 @@ def run_batch_inference(
     return 1 if failed else 0
 
 
-def _gather(failed: int, stopped: bool, world: int) -> tuple[int, bool]:
-    """Failures summed and stops or-ed over the ranks (also the point where every rank has finished its shard)."""
+NOT_WRITTEN = (
+    "this rank stopped too: the outputs completed so far are kept (a rerun skips them); no summary was written"
+)
+
+
+def _is_setup_error(error: BaseException) -> bool:
+    """Whether ``error`` is a whole-run error that the command line reports with exit status 2."""
+    return isinstance(error, (ValueError, FileNotFoundError, FileExistsError))
+
+
+def _gather(failed: int, stopped: bool, error: BaseException | None, world: int) -> tuple[int, bool, int, int]:
+    """Failures summed, output-folder stops or-ed, and this rank's error counted (whole-run errors and others apart)
+    over the ranks; also the point where every rank has finished its shard, or stopped. Returns the failures, whether
+    a rank stopped on the output folder, and how many ranks stopped on a whole-run error or on another error."""
+    setup, other = (error is not None and _is_setup_error(error)), (error is not None and not _is_setup_error(error))
     if world == 1:
-        return failed, stopped
-    total = torch.tensor([failed, int(stopped)])
+        return failed, stopped, int(setup), int(other)
+    total = torch.tensor([failed, int(stopped), int(setup), int(other)])
     dist.all_reduce(total)
-    return int(total[0]), bool(total[1])
+    return int(total[0]), bool(total[1]), int(total[2]), int(total[3])
 
 
-def _finish(part: _SummaryPart, world: int) -> None:
-    """Drop this process's summary part once the summary is written (each rank keeps its part locked until then)."""
+def _finish(part: _SummaryPart | None, world: int, summary_failed: bool) -> bool:
+    """Drop this process's summary part once the summary is written (each rank keeps its part locked until then);
+    whether rank 0 failed to write the summary."""
     if world > 1:
-        dist.barrier()
-    part.close(remove=True)
+        flag = torch.tensor([int(summary_failed)])
+        dist.all_reduce(flag)  # (also waits for rank 0 to have merged the parts)
+        summary_failed = bool(flag[0])
+    if part is not None:
+        part.close(remove=True)
     if world > 1:
         dist.destroy_process_group()
+    return summary_failed

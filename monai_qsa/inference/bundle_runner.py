@@ -29,6 +29,7 @@ __all__ = [
     "describe_error",
     "MAX_IMAGE_VOXELS",
     "MIN_SPATIAL_SIZE",
+    "parse_device",
 ]
 
 MAX_IMAGE_VOXELS = 1024**3
@@ -93,6 +94,18 @@ def read_image_header(path: str | os.PathLike) -> ImageHeader:
     return ImageHeader(size + ((components,) if components > 1 else ()), direction @ np.diag(reader.GetSpacing()))
 
 
+def parse_device(device: str | torch.device) -> torch.device:
+    """``device`` as a :class:`torch.device`.
+
+    Raises:
+        ValueError: it names no torch device (``cpu``, ``cuda``, ``cuda:1``, ...).
+    """
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as error:
+        raise ValueError(f"--device {device!r} is not a torch device such as cpu, cuda or cuda:1 ({error})") from error
+
+
 def bundle_metadata(bundle_dir: str | os.PathLike) -> dict:
     """``configs/metadata.json`` of a bundle, after checking that ``bundle_dir`` is one.
 
@@ -149,8 +162,8 @@ class BundleRunner:
         parser = ConfigParser()
         parser.read_config(str(self.bundle_dir / "configs" / "inference.json"))
         parser.read_meta(str(self.bundle_dir / "configs" / "metadata.json"))
-        parser.update({"bundle_root": str(self.bundle_dir), "use_int8": int8, "device": f"$torch.device('{device}')"})
-        self.device = torch.device(device)
+        self.device = parse_device(device)  # validated, then passed as the object: never evaluated as an expression
+        parser.update({"bundle_root": str(self.bundle_dir), "use_int8": int8, "device": self.device})
         self.spatial_dims = int(parser.get_parsed_content("network_def#spatial_dims"))
         self.is_segmentation = predicts_segmentation(self.metadata)
         self.preprocessing = parser.get_parsed_content("preprocessing")

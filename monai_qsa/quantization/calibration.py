@@ -30,7 +30,7 @@ def calibration_tensors(
 def reiterable(calibration_data: Iterable, num_batches: int | None) -> Iterable:
     """``calibration_data`` itself when it can be iterated again (a list, a ``DataLoader``), else its first
     ``num_batches`` items kept in a list, for calibrations that need several passes."""
-    if iter(calibration_data) is not calibration_data:
+    if not isinstance(calibration_data, Iterator):
         return calibration_data
     return list(itertools.islice(calibration_data, num_batches))
 

@@ -45,6 +45,7 @@ __all__ = [
     "twin_evaluation",
     "higher_is_better",
     "weights_fingerprint",
+    "withdraw_artifact",
 ]
 
 logger = logging.getLogger(__name__)
@@ -276,14 +277,34 @@ def _latency(example: torch.Tensor, fp32: nn.Module, int8: nn.Module, repeats: i
     }
 
 
+def withdraw_artifact(report: QuantizationReport, deployable: Path, why: str) -> None:
+    """Remove the deployable file (an earlier run's, or this run's own when a later step failed): it does not hold a
+    model of this run's network that passed the check, so it must not be deployed. Raises OSError if it stays."""
+    if report.artifact == str(deployable):
+        report.artifact = None
+    if deployable.exists():
+        deployable.unlink(missing_ok=True)
+        logger.warning(f"removed {deployable}: {why}; it is not deployed with this run's network.")
+
+
+def _write_report(report: QuantizationReport, path: Path) -> None:
+    """Write the report of a failed step; a failure to write it is logged, not raised over the step's own error."""
+    try:
+        report.write(path)
+    except Exception as error:
+        logger.error(f"int8 quantisation report {path} could not be written ({type(error).__name__}: {error}).")
+
+
 def _save(
     report: QuantizationReport, qmodel: nn.Module, example: torch.Tensor, deployable: Path, metadata: dict
 ) -> None:
-    """Write the int8 model: under the deployable name if accepted, as ``*.rejected*`` otherwise (for inspection),
-    removing a deployable file of an earlier run in that case; ``x86_eager`` models cannot be saved."""
-    if not report.accepted and deployable.exists():
-        deployable.unlink()
-        logger.warning(f"removed {deployable} from an earlier run: it does not match this run's network.")
+    """Write the int8 model: under the deployable name if accepted (replacing an earlier run's file in one step), as
+    ``*.rejected*`` otherwise (for inspection); ``x86_eager`` models cannot be saved. When this run's model is not
+    written under the deployable name, a deployable file of an earlier run is removed."""
+    if not report.accepted:
+        withdraw_artifact(report, deployable, "this run's int8 model was rejected")
+    elif report.backend != "x86_inductor":
+        withdraw_artifact(report, deployable, f"this run's accepted int8 model ({report.backend}) cannot be saved")
     if report.backend != "x86_inductor":
         report.reason += f"; {report.backend} models cannot be saved"
         report.int8_bytes = serialized_size(qmodel)
@@ -343,8 +364,9 @@ def quantize_and_check(
     3. counts parameters, FLOPs (multiply-accumulates of one network input), fp32 ``state_dict`` and int8 sizes,
        and times one network input fp32 vs int8 (``latency_repeats`` runs; 0 turns timing off),
     4. accepts int8 if it is worse than fp32 by at most ``max_metric_drop``, and writes it as
-       ``output_dir/artifact_name``; a rejected model is written as ``*.rejected.pt2`` and a deployable file of an
-       earlier run is removed, so it is never deployed with this run's network.
+       ``output_dir/artifact_name``; a rejected model is written as ``*.rejected.pt2``. When the model is rejected
+       or any step fails (the report's writing included), the deployable file is removed (an earlier run's, or this
+       run's own), so it is never deployed with this run's network.
 
     Args:
         network: the trained fp32 network (on the CPU, eval mode); left unchanged.
@@ -374,7 +396,8 @@ def quantize_and_check(
 
     Raises:
         ValueError: a bad argument.
-        QuantizationFailedError: the quantisation itself failed; the report holding the error has been written.
+        QuantizationFailedError: the quantisation itself failed (or its report could not be written); the report
+            holding the error has been written if it could be (a failure to write it is logged).
     """
     if max_metric_drop < 0:
         raise ValueError(f"max_metric_drop must be >= 0, got {max_metric_drop}.")
@@ -384,6 +407,7 @@ def quantize_and_check(
         backend, key_metric=key_metric, higher_is_better=metric_higher_is_better, max_metric_drop=max_metric_drop
     )
     report.checkpoint = None if checkpoint is None else str(checkpoint)
+    deployable, report_path = Path(output_dir) / artifact_name, Path(output_dir) / report_name
     stopwatch = _Stopwatch()
     try:
         example = network_input(next(calibration_tensors(calibration_data, 1, image_key)).to("cpu"), inferer)
@@ -413,11 +437,20 @@ def quantize_and_check(
             report.latency = stopwatch.time(
                 "latency", lambda: _latency(example[:1], fp32_runner, int8_runner, latency_repeats, warmup)
             )
-        stopwatch.time("save", lambda: _save(report, qmodel, example, Path(output_dir) / artifact_name, metadata or {}))
-    except Exception as error:
-        report.accepted, report.error = False, f"{type(error).__name__}: {error}"
-        raise QuantizationFailedError(report) from error
-    finally:
+        stopwatch.time("save", lambda: _save(report, qmodel, example, deployable, metadata or {}))
         report.seconds = stopwatch.total()
-        report.write(Path(output_dir) / report_name)
+        report.write(report_path)
+    except BaseException as error:  # KeyboardInterrupt too: never leave a deployable file this run did not accept
+        report.accepted, report.error = False, f"{type(error).__name__}: {error}"
+        try:
+            withdraw_artifact(report, deployable, "this run's int8 step failed")
+        except OSError as remove_error:
+            problem = f"{deployable} could not be removed ({type(remove_error).__name__}: {remove_error})"
+            logger.error(f"{problem}: it does not hold a checked int8 model of this run's network; do not deploy it.")
+            report.error += f"; {problem}"
+        report.seconds = stopwatch.total()
+        _write_report(report, report_path)
+        if not isinstance(error, Exception):
+            raise
+        raise QuantizationFailedError(report) from error
     return report

@@ -6,7 +6,9 @@ The file is a zip archive (format 2) holding:
 - ``monai_qsa.json``: format version, backend, input spec, monai_qsa and torch versions, and the user's metadata;
 - ``graph.json``: the ``torch.export`` ATen graph as a list of operator calls. Operators are named, not pickled,
   and resolved on load against an allow-list: ``torch.ops`` operators of the ``aten`` (minus the few that touch
-  files or print), ``quantized_decomposed`` and ``monai_qsa`` namespaces, and integer arithmetic on sizes;
+  files or print), ``quantized_decomposed`` and ``monai_qsa`` namespaces that write to none of their arguments (no
+  in-place, ``out=`` or storage-changing overloads such as ``set_``, ``resize_``, ``as_strided_``, ``copy_``), and
+  integer arithmetic on sizes;
 - ``tensors.bin``: the weights and constants as raw little-endian bytes, described (dtype, shape, offset) in
   ``graph.json``.
 
@@ -60,6 +62,9 @@ _MEMORY_FORMATS = {
 _OPERATOR_NAMESPACES = ("aten", "quantized_decomposed", "monai_qsa")
 #: ATen operators with effects outside the tensors they are given (files, stdout, warnings)
 _DENIED_OPERATORS = frozenset({"aten.from_file", "aten.save", "aten._print", "aten.warn"})
+#: operators that change a tensor's storage, sizes or strides in place; refused even if a schema did not say so
+#: (they end in ``_`` too, which is refused as well)
+_MUTATING_OPERATORS = frozenset({"aten.set_", "aten.resize_", "aten.as_strided_", "aten.copy_"})
 #: Python functions export graphs call on symbolic sizes
 _SIZE_FUNCTIONS = {
     f"operator.{name}": getattr(operator, name)
@@ -452,12 +457,23 @@ def _resolve_operator(name: Any) -> torch._ops.OpOverload:
             f"{GRAPH_FILE} calls {str(name)[:80]!r}, which is not allowed: graphs may call torch operators of "
             f"{_OPERATOR_NAMESPACES} and size arithmetic only."
         )
+    if match[2].endswith("_") or f"{match[1]}.{match[2]}" in _MUTATING_OPERATORS:
+        raise _InvalidArtifact(
+            f"{GRAPH_FILE} calls {name}, an in-place operator, which is not allowed: graphs may call operators that "
+            "write to none of their arguments only."
+        )
     try:
         operator_overload = getattr(getattr(getattr(torch.ops, match[1]), match[2]), match[3])
     except (AttributeError, RuntimeError) as error:
         raise _InvalidArtifact(f"{GRAPH_FILE} calls {name}, which this torch does not have ({error}).") from error
     if not isinstance(operator_overload, torch._ops.OpOverload):
         raise _InvalidArtifact(f"{GRAPH_FILE} calls {name}, which is not an operator overload.")
+    schema = operator_overload._schema
+    if schema.is_mutable or any(argument.is_out for argument in schema.arguments):
+        raise _InvalidArtifact(
+            f"{GRAPH_FILE} calls {name}, which writes to its arguments (an in-place or out= overload) and is not "
+            "allowed: graphs may call operators that write to none of their arguments only."
+        )
     return operator_overload
 
 

@@ -14,6 +14,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
+from monai_qsa.utils.files import atomic_write
+
 __all__ = ["append_csv_row", "extend_csv_columns"]
 
 logger = logging.getLogger(__name__)
@@ -104,13 +106,10 @@ def extend_csv_columns(path: Path, columns: tuple[str, ...]) -> None:
             )
         header_buffer = io.StringIO()
         csv.writer(header_buffer).writerow(columns)
-        completed = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        # replaced while the lock is held: a writer waiting for it then finds a new file and opens that (_locked)
+        with atomic_write(path) as completed:
             completed.write_bytes(header_buffer.getvalue().encode() + rows)
             os.chmod(completed, stat.S_IMODE(os.fstat(f.fileno()).st_mode))
-            os.replace(completed, path)
-        finally:
-            completed.unlink(missing_ok=True)
     logger.warning(
         f"{path} has the columns of an earlier version: added {list(columns[len(header) :])} to its header; "
         "its rows are kept unchanged, with those columns empty."

@@ -208,6 +208,23 @@ class EnergyMeter:
             samples=int(samples),
         )
 
+    def close(self) -> None:
+        """End any phase still running and stop the CodeCarbon tracker (its public ``stop``), so that no sampling
+        thread outlives the meter. Safe to call more than once; a later ``start`` uses a fresh tracker."""
+        tracker, self._tracker, self._running = self._tracker, None, False
+        if tracker is None:
+            return
+        try:
+            tracker.stop()  # also ends a task still under measure
+        except Exception as error:  # closing must never stop the caller's work or hide its error
+            logger.debug("CodeCarbon tracker did not stop cleanly (%s: %s)", type(error).__name__, error)
+
+    def __enter__(self) -> EnergyMeter:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
 
 @dataclass
 class EnergyMeasurement:

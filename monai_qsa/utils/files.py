@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import glob
 import os
+import re
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,12 @@ def atomic_write(target: str | os.PathLike) -> Iterator[Path]:
 
 
 def partial_files(target: str | os.PathLike) -> list[Path]:
-    """Temporary files of :func:`atomic_write` for ``target`` (any process), e.g. left behind by a killed one."""
+    """Temporary files of :func:`atomic_write` for ``target`` (any process), e.g. left behind by a killed one.
+
+    Only names of the exact form ``.partial.<pid>.<8 hex digits>.<name>`` match: the temporary file of another
+    target whose name ends with ``target``'s (``ct.case1_seg.nii.gz`` for ``case1_seg.nii.gz``) does not.
+    """
     target = Path(target)
-    return sorted(target.parent.glob(f".partial.*.{glob.escape(target.name)}"))
+    pattern = re.compile(r"\.partial\.\d+\.[0-9a-f]{8}\." + re.escape(target.name))
+    candidates = target.parent.glob(f".partial.*.{glob.escape(target.name)}")
+    return sorted(path for path in candidates if pattern.fullmatch(path.name))

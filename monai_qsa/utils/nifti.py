@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from monai.data import NibabelWriter
 
-from monai_qsa.utils.files import atomic_write, partial_files
+from monai_qsa.utils.files import atomic_write
 
-__all__ = ["partial_files", "save_nifti"]
+__all__ = ["save_nifti"]
 
 
 def save_nifti(image: torch.Tensor, target: str | os.PathLike, dtype: str = "float32") -> Path:

@@ -46,6 +46,7 @@ from monai_qsa.utils.compile import find_compiler
 from monai_qsa.utils.cpu import cpu_signature
 
 __all__ = [
+    "check_attention_arguments",
     "compiled_library",
     "fused_local_attention",
     "kernel_cache_dir",
@@ -60,6 +61,10 @@ _SOURCE = Path(__file__).with_name("local_attention.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _logger = logging.getLogger(__name__)
 _GRAIN = 1 << 20  # multiply-accumulates per thread, at least
+#: largest neighbourhood side and dilation the operators accept: the C kernels take them as C ints (ctypes truncates
+#: larger values silently) and size their scratch buffers from ``kernel_size ** 3``
+MAX_KERNEL_SIZE = 255
+MAX_DILATION = 1 << 16
 
 
 def neighbourhood_padding(kernel_size: int, dilation: int) -> int:
@@ -434,9 +439,13 @@ def _thread_count(qkv: torch.Tensor, kernel_size: int) -> int:
     return max(1, min(torch.get_num_threads(), work // _GRAIN))
 
 
-def _check_status(status: int) -> None:
+def _check_status(status: int, kernel: str = "monai_qsa local attention kernel") -> None:
+    """Raise for a C kernel's non-zero return status: 1 is ``MemoryError`` (scratch memory), others
+    ``RuntimeError``."""
+    if status == 1:
+        raise MemoryError(f"{kernel}: could not allocate its scratch memory.")
     if status != 0:
-        raise MemoryError("monai_qsa local attention kernel: could not allocate its scratch memory.")
+        raise RuntimeError(f"{kernel}: failed with status {status}.")
 
 
 def _split_for_kernel(
@@ -511,6 +520,84 @@ def _cpu_backward(
     return grad_qkv, grad_table
 
 
+def check_attention_arguments(
+    operator: str,
+    qkv: torch.Tensor,
+    table: torch.Tensor,
+    kernel_size: int,
+    dilation: int,
+    scale: float,
+    *,
+    saved: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    int8_scales: dict[str, float] | None = None,
+) -> None:
+    """Check the arguments of a ``monai_qsa`` attention operator against each other; raise ``ValueError`` saying what
+    is wrong. Every operator's implementation calls it before anything else: the C kernels trust these shapes (they
+    index their buffers with them), and a model file chooses the arguments of the calls in its graph.
+
+    Checks (shapes, dtypes and devices only, no data is read):
+
+    - ``qkv``: a strided floating-point tensor ``(B, 3, heads, d_head, *S)`` with 2 or 3 spatial dimensions (6-D or
+      7-D);
+    - ``table``: ``(spatial_dims, kernel_size, d_head)``, of the dtype and device of ``qkv``;
+    - ``kernel_size``: odd, in ``[1, MAX_KERNEL_SIZE]``; ``dilation`` in ``[1, MAX_DILATION]``; ``scale`` finite;
+    - ``saved`` (backward): ``grad_out`` and ``out`` ``(B, heads, d_head, *S)``, ``lse`` ``(B, heads, *S)``, of the
+      dtype and device of ``qkv``;
+    - ``int8_scales`` (int8 operator): each positive and finite.
+
+    Args:
+        operator: the operator's name, for the messages (e.g. ``"local_attention"``).
+        qkv, table, kernel_size, dilation, scale: the operator's arguments.
+        saved: ``(grad_out, out, lse)`` of the backward operator.
+        int8_scales: the int8 scales by argument name (``q_scale``, ``k_scale``, ``v_scale``).
+    """
+    where = f"monai_qsa.{operator}"
+    tensors = {"qkv": qkv, "table": table}
+    if saved is not None:
+        tensors.update(zip(("grad_out", "out", "lse"), saved))
+    for name, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided:
+            raise ValueError(f"{where}: {name} must be a dense (strided) tensor, got {type(tensor).__name__}.")
+        if tensor.dtype != qkv.dtype or tensor.device != qkv.device:
+            raise ValueError(
+                f"{where}: {name} is {tensor.dtype} on {tensor.device}, but qkv is {qkv.dtype} on {qkv.device}; "
+                "all tensors must share one dtype and device."
+            )
+    if qkv.ndim not in (6, 7) or qkv.shape[1] != 3 or not qkv.is_floating_point():
+        raise ValueError(
+            f"{where}: qkv must be a floating-point tensor (B, 3, heads, d_head, *spatial) with 2 or 3 spatial "
+            f"dimensions, got {qkv.dtype} of shape {tuple(qkv.shape)}."
+        )
+    for name, value in (("kernel_size", kernel_size), ("dilation", dilation)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: {name} must be an int, got {type(value).__name__} {value!r}.")
+    if not (1 <= kernel_size <= MAX_KERNEL_SIZE and kernel_size % 2 == 1):
+        raise ValueError(f"{where}: kernel_size must be odd, between 1 and {MAX_KERNEL_SIZE}, got {kernel_size}.")
+    if not 1 <= dilation <= MAX_DILATION:
+        raise ValueError(f"{where}: dilation must be between 1 and {MAX_DILATION}, got {dilation}.")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"{where}: scale must be a finite number, got {scale!r}.")
+    dims, head_channels = qkv.ndim - 4, qkv.shape[3]
+    expected_table = (dims, kernel_size, head_channels)
+    if tuple(table.shape) != expected_table:
+        raise ValueError(
+            f"{where}: table must have shape (spatial_dims, kernel_size, d_head) = {expected_table} for qkv of shape "
+            f"{tuple(qkv.shape)} and kernel_size {kernel_size}, got {tuple(table.shape)}."
+        )
+    if saved is not None:
+        output_shape = (qkv.shape[0], *qkv.shape[2:])
+        lse_shape = (qkv.shape[0], qkv.shape[2], *qkv.shape[4:])
+        for name, tensor, shape in zip(("grad_out", "out", "lse"), saved, (output_shape, output_shape, lse_shape)):
+            if tuple(tensor.shape) != shape:
+                raise ValueError(
+                    f"{where}: {name} must have shape {shape} for qkv of shape {tuple(qkv.shape)}, "
+                    f"got {tuple(tensor.shape)}."
+                )
+    for name, value in (int8_scales or {}).items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise ValueError(f"{where}: {name} must be a positive finite int8 scale, got {value!r}.")
+
+
 def _fused_kernels(qkv: torch.Tensor, table: torch.Tensor) -> tuple[Callable, Callable] | None:
     """The one dispatch point of the training operators: the fused ``(forward, backward)`` for these tensors, or None
     for the PyTorch reference.
@@ -532,7 +619,9 @@ def local_attention_forward(
     """Differentiable neighbourhood attention (the training operator): :func:`local_attention_reference`'s output
     ``(B, heads, d_head, *S)`` and the log-sum-exp of each position's logits ``(B, heads, *S)``, which the backward
     operator uses to recompute the attention. Fused kernel where :func:`_fused_kernels` has one, else the reference.
+    Raises ``ValueError`` for mismatched arguments (:func:`check_attention_arguments`).
     """
+    check_attention_arguments("local_attention_forward", qkv, table, kernel_size, dilation, scale)
     kernels = _fused_kernels(qkv, table)
     if kernels is not None:
         return kernels[0](qkv, table, kernel_size, dilation, scale)
@@ -558,7 +647,10 @@ def local_attention_backward(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of the projection and of the table from the output's gradient (the backward of
     :func:`local_attention_forward`). Fused kernel where :func:`_fused_kernels` has one; else the reference's
-    autograd graph, recomputed."""
+    autograd graph, recomputed. Raises ``ValueError`` for mismatched arguments (:func:`check_attention_arguments`)."""
+    check_attention_arguments(
+        "local_attention_backward", qkv, table, kernel_size, dilation, scale, saved=(grad_out, out, lse)
+    )
     kernels = _fused_kernels(qkv, table)
     backward = _reference_backward if kernels is None else kernels[1]
     return backward(grad_out, qkv, table, out, lse, kernel_size, dilation, scale)
@@ -605,8 +697,10 @@ def local_attention(
     available.
 
     The projection is taken as it is, in any memory layout (int8 convolutions leave it channels-last): splitting,
-    scaling, padding and the layout change are one C pass here, not graph operations.
+    scaling, padding and the layout change are one C pass here, not graph operations. Raises ``ValueError`` for
+    mismatched arguments (:func:`check_attention_arguments`): a model file chooses them.
     """
+    check_attention_arguments("local_attention", qkv, table, kernel_size, dilation, scale)
     if _kernels() is None or qkv.device.type != "cpu" or qkv.dtype != torch.float32:
         return local_attention_reference(qkv, table, kernel_size, dilation, scale)[0]
     return _cpu_forward(qkv, table, kernel_size, dilation, scale, save_lse=False)[0]

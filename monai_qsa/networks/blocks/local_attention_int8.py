@@ -30,8 +30,15 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
+# the private helpers are shared with the fp32 operator on purpose (same kernel layouts, thread policy and status
+# codes); they stay private to the two sibling modules of the attention operators
 from monai_qsa.networks.blocks.local_attention import (
+    _check_status,
     _forward_macs,
+    _kernel_shape,
+    _kernel_table,
+    _thread_count,
+    check_attention_arguments,
     compiled_library,
     local_attention_reference,
     neighbourhood_padding,
@@ -49,6 +56,7 @@ _SOURCE = Path(__file__).with_name("local_attention_int8.c")
 #: path names and their numbers in the C source (``auto``: the fastest this CPU runs; ``torch``: no C kernel)
 INT8_ATTENTION_PATHS = {"auto": 0, "scalar": 1, "avx2": 2, "avx_vnni": 3, "avx512_vnni": 4, "torch": None}
 PATH_VARIABLE = "MONAI_QSA_INT8_ATTENTION_PATH"
+_KERNEL_NAME = "monai_qsa int8 local attention kernel"
 #: largest magnitude of a quantised value: symmetric int8, -128 unused so that negation is exact
 INT8_MAX = 127
 
@@ -153,12 +161,6 @@ def _requested_path() -> str:
     return path
 
 
-def _check_scales(**scales: float) -> None:
-    for name, value in scales.items():
-        if not 0 < value < float("inf"):
-            raise ValueError(f"local_attention_int8: {name} must be a positive finite int8 scale, got {value}.")
-
-
 def _run_kernel(library: ctypes.CDLL, path: int, qkv: torch.Tensor, table: torch.Tensor, kernel_size: int,
                 dilation: int, scale: float, scales: tuple[float, float, float]) -> torch.Tensor:  # fmt: skip
     """Quantise and lay out the projection (one C pass), then run the attention kernel on path number ``path``;
@@ -168,7 +170,7 @@ def _run_kernel(library: ctypes.CDLL, path: int, qkv: torch.Tensor, table: torch
     groups = (head_channels + 3) // 4  # channels in groups of 4 bytes: one int32 lane of vpdpbusd
     if qkv.stride(2) != head_channels * qkv.stride(3):  # heads and their channels not one evenly strided axis
         qkv = qkv.contiguous()
-    depth, height, width = ([1] + spatial) if dims == 2 else spatial
+    (depth, height, width), neighbourhood = _kernel_shape(dims, spatial, kernel_size)
     half = neighbourhood_padding(kernel_size, dilation)
     pad_z = 0 if dims == 2 else half
     padded = (depth + 2 * pad_z, height + 2 * half, width + 2 * half)
@@ -178,26 +180,22 @@ def _run_kernel(library: ctypes.CDLL, path: int, qkv: torch.Tensor, table: torch
     v4 = qkv.new_zeros((batch * heads, head_channels, *padded, 4), dtype=torch.int8)
     spatial_strides = ([0] + list(qkv.stride()[4:])) if dims == 2 else list(qkv.stride()[4:])
     strides = (ctypes.c_int64 * 6)(qkv.stride(0), qkv.stride(1), qkv.stride(3), *spatial_strides)
-    threads = torch.get_num_threads()
+    threads = _thread_count(qkv, kernel_size)
     status = library.monai_qsa_int8_split_quantize(
         qkv.data_ptr(), strides, batch, heads, head_channels, depth, height, width, pad_z, half, half, dilation,
         *scales, scale, q8.data_ptr(), qf.data_ptr(), k8.data_ptr(), v4.data_ptr(), threads,
     )  # fmt: skip
-    rel = table.reshape(-1, head_channels).to(torch.float32)
-    if dims == 2:  # the kernel sees 2D images as depth 1, with one (zero) depth offset
-        rel = torch.cat([rel.new_zeros(1, head_channels), rel])
-    rel = rel.contiguous()
+    _check_status(status, _KERNEL_NAME)
+    rel = _kernel_table(table)  # 2D images are depth 1 to the kernel, with one (zero) depth offset
     out = torch.empty_like(qf)
-    if status == 0:
-        status = library.monai_qsa_local_attention_int8(
-            q8.data_ptr(), qf.data_ptr(), k8.data_ptr(), v4.data_ptr(), rel.data_ptr(), out.data_ptr(),
-            scale * scales[0] * scales[1], scales[2], batch * heads, head_channels, depth, height, width,
-            1 if dims == 2 else kernel_size, kernel_size, kernel_size, dilation, path, threads,
-        )  # fmt: skip
-    if status == 1:
-        raise MemoryError("monai_qsa int8 local attention kernel: could not allocate its scratch memory.")
+    status = library.monai_qsa_local_attention_int8(
+        q8.data_ptr(), qf.data_ptr(), k8.data_ptr(), v4.data_ptr(), rel.data_ptr(), out.data_ptr(),
+        scale * scales[0] * scales[1], scales[2], batch * heads, head_channels, depth, height, width, *neighbourhood,
+        dilation, path, threads,
+    )  # fmt: skip
     if status == 2:
-        raise RuntimeError(f"monai_qsa int8 local attention kernel: this CPU cannot run path number {path}.")
+        raise RuntimeError(f"{_KERNEL_NAME}: this CPU cannot run path number {path}.")
+    _check_status(status, _KERNEL_NAME)
     return out
 
 
@@ -209,9 +207,14 @@ def local_attention_int8(
 ) -> torch.Tensor:  # fmt: skip
     """Inference-only neighbourhood attention in int8: :func:`local_attention_int8_reference`'s output, computed by
     the C kernel (fastest path of this CPU, or ``$MONAI_QSA_INT8_ATTENTION_PATH``) for fp32 CPU tensors. Arguments
-    as :func:`local_attention_int8_reference`; the projection may be in any memory layout.
+    as :func:`local_attention_int8_reference`; the projection may be in any memory layout. Raises ``ValueError`` for
+    mismatched arguments or a scale that is not positive and finite
+    (:func:`~monai_qsa.networks.blocks.local_attention.check_attention_arguments`): a model file chooses them.
     """
-    _check_scales(q_scale=q_scale, k_scale=k_scale, v_scale=v_scale)
+    check_attention_arguments(
+        "local_attention_int8", qkv, table, kernel_size, dilation, scale,
+        int8_scales={"q_scale": q_scale, "k_scale": k_scale, "v_scale": v_scale},
+    )  # fmt: skip
     path = _requested_path()
     library = None if path == "torch" else _library()
     if library is None or qkv.device.type != "cpu" or qkv.dtype != torch.float32:
