@@ -10,6 +10,20 @@ version = {
     )[1]
 }
 
+HERE = Path(__file__).parent
+
+
+def bundle_data_files() -> list[tuple[str, list[str]]]:
+    """The shipped bundles' configs, docs and licences, installed under ``<prefix>/share/monai_qsa/bundles`` where
+    :func:`monai_qsa.bundle.bundles_dir` finds them (trained models, logs and data stay out)."""
+    files = sorted(p for pattern in ("*/configs/*", "*/docs/*", "*/LICENSE") for p in (HERE / "bundles").glob(pattern))
+    folders: dict[str, list[str]] = {}
+    for path in files:
+        relative = path.relative_to(HERE)
+        folders.setdefault(str(Path("share/monai_qsa") / relative.parent), []).append(str(relative))
+    return sorted(folders.items())
+
+
 setup(
     name="monai_qsa",
     version=version["__version__"],
@@ -19,6 +33,7 @@ setup(
     packages=find_packages(include=["monai_qsa", "monai_qsa.*"]),
     # the fused attention kernel's C source, compiled on the user's machine at first use
     package_data={"monai_qsa.networks.blocks": ["*.c"]},
+    data_files=bundle_data_files(),
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.8",

@@ -3,16 +3,26 @@ the output channels, and metric inputs for decollated classification outputs."""
 
 from __future__ import annotations
 
-import inspect
 import json
+import logging
 import os
-from collections.abc import Callable
+import re
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+if TYPE_CHECKING:
+    from monai.bundle import ConfigWorkflow
+
 __all__ = [
+    "bundles_dir",
+    "bundle_dir",
+    "bundle_root_of",
+    "bundle_workflow",
     "find_bundle_root",
     "as_bool",
     "ConfigValueError",
@@ -23,26 +33,132 @@ __all__ = [
 ]
 
 
-def find_bundle_root() -> str:
-    """The folder of the bundle whose config is being run, so outputs land there whatever the current directory.
+BUNDLES_ENV = "MONAI_QSA_BUNDLES"
+"""Environment variable naming a folder of bundles that takes precedence over the shipped ones."""
 
-    Looks for the ``ConfigWorkflow`` evaluating the config (``python -m monai.bundle run --config_file
-    bundles/sa_seg/configs/train.json`` gives ``bundles/sa_seg``); otherwise the current directory if it is a
-    bundle (has ``configs/metadata.json``). Override with ``--bundle_root`` (MONAI Label does).
+
+def bundles_dir() -> Path:
+    """The folder holding the bundles that ship with monai_qsa (``sa_seg``, ``sa_seg3d``, ``sa_cls``).
+
+    Looked up in this order: ``$MONAI_QSA_BUNDLES``; ``bundles/`` beside the package (a source checkout or an
+    editable install); ``<prefix>/share/monai_qsa/bundles`` (where ``pip install`` puts them from a wheel).
 
     Raises:
-        ValueError: neither applies.
+        FileNotFoundError: none of these exists, naming the places looked at.
+    """
+    candidates = [Path(os.environ[BUNDLES_ENV])] if os.environ.get(BUNDLES_ENV) else []
+    candidates.append(Path(__file__).resolve().parents[1] / "bundles")  # source checkout, editable install
+    candidates.append(Path(sys.prefix) / "share" / "monai_qsa" / "bundles")  # installed from a wheel
+    for candidate in candidates:
+        if (candidate / "sa_seg" / "configs").is_dir():
+            return candidate
+    raise FileNotFoundError(
+        f"cannot find the monai_qsa bundles: looked in {', '.join(map(str, candidates))}; set ${BUNDLES_ENV}."
+    )
+
+
+def bundle_dir(name: str) -> Path:
+    """The folder of the shipped bundle ``name`` (see :func:`bundles_dir`).
+
+    Raises:
+        FileNotFoundError: there is no such bundle, naming the ones there are.
+    """
+    root = bundles_dir()
+    path = root / name
+    if not (path / "configs" / "metadata.json").is_file():
+        known = sorted(p.name for p in root.iterdir() if (p / "configs" / "metadata.json").is_file())
+        raise FileNotFoundError(f"no bundle {name!r} in {root}; there are: {', '.join(known)}.")
+    return path
+
+
+def bundle_root_of(config_file: str | os.PathLike) -> Path:
+    """The bundle folder of a config file, as ``ConfigWorkflow`` derives it: the parent of ``configs/``, otherwise
+    the config file's own folder."""
+    configs = Path(config_file).resolve().parent
+    return configs.parent if configs.name == "configs" else configs
+
+
+def bundle_workflow(
+    bundle_root: str | os.PathLike, config: str = "inference.json", workflow_type: str = "infer", **override
+) -> ConfigWorkflow:
+    """MONAI's ``ConfigWorkflow`` for a bundle config, initialised, with ``bundle_root`` passed in: its properties
+    (``network_def``, ``preprocessing``, ``inferer``, ``postprocessing``, ...) are the bundle's own.
+
+    The bundle's ``logging.conf`` is not applied (the caller's logging stays as it is).
+
+    Args:
+        bundle_root: the bundle folder.
+        config: config file name(s) under ``configs/`` (several merge in order, as ``--config_file`` lists do).
+        workflow_type: ``"infer"`` or ``"train"``.
+        override: config values to set, as ``--key value`` on the command line.
     """
     from monai.bundle import ConfigWorkflow
 
-    for frame_info in inspect.stack(context=0):
-        owner = frame_info.frame.f_locals.get("self")
-        if isinstance(owner, ConfigWorkflow) and hasattr(owner, "config_root_path"):
-            configs = Path(owner.config_root_path).resolve()
-            return str(configs.parent if configs.name == "configs" else configs)
+    configs = Path(bundle_root) / "configs"
+    names = [config] if isinstance(config, str) else list(config)
+    # logging_file=False makes MONAI log that it skips logging: not news to the caller
+    quiet = _Without("Logging file is set to False")
+    workflow_logger = logging.getLogger("monai.bundle.workflows")
+    workflow_logger.addFilter(quiet)
+    try:
+        workflow = ConfigWorkflow(
+            config_file=[str(configs / name) for name in names],
+            meta_file=str(configs / "metadata.json"),
+            logging_file=False,
+            workflow_type=workflow_type,
+            bundle_root=str(bundle_root),
+            **override,
+        )
+    finally:
+        workflow_logger.removeFilter(quiet)
+    workflow.initialize()
+    return workflow
+
+
+class _Without(logging.Filter):
+    """Drops log records whose message starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
+
+
+def find_bundle_root(argv: Sequence[str] | None = None) -> str:
+    """The bundle root a config uses when none is passed (``--bundle_root`` always wins, it overrides this
+    expression), so outputs land in the bundle whatever the current directory.
+
+    Derived from the config file path as ``ConfigWorkflow`` does (:func:`bundle_root_of`): the first
+    ``--config_file`` of the ``python -m monai.bundle run`` command line (``bundles/sa_seg/configs/train.json``
+    gives ``bundles/sa_seg``; a list such as ``"['configs/train.json','configs/multi_gpu_train.json']"`` its first
+    file); otherwise the current directory if it is a bundle (has ``configs/metadata.json``).
+
+    Args:
+        argv: the command line to read; defaults to ``sys.argv``.
+
+    Raises:
+        ValueError: neither applies; pass ``bundle_root`` (``--bundle_root``, ``ConfigWorkflow(bundle_root=...)``).
+    """
+    argv = list(sys.argv if argv is None else argv)
+    for position, argument in enumerate(argv):
+        value = None
+        if argument == "--config_file" and position + 1 < len(argv):
+            value = argv[position + 1]
+        elif argument.startswith("--config_file="):
+            value = argument.split("=", 1)[1]
+        if value:
+            first = re.split(r"[,\[\]'\"\s]+", value.strip())
+            first = next((part for part in first if part), None)
+            if first:
+                return str(bundle_root_of(first))
     if Path("configs/metadata.json").is_file():
         return os.getcwd()
-    raise ValueError("cannot tell the bundle root: run the config through monai.bundle or pass --bundle_root.")
+    raise ValueError(
+        "cannot tell the bundle root: run the config with python -m monai.bundle run --config_file ... or pass "
+        "--bundle_root (bundle_root= from Python)."
+    )
 
 
 def output_channels(bundle_root: str | os.PathLike) -> dict[int, str]:

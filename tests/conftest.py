@@ -24,11 +24,14 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture
 def untrained_bundle():
     """Copy a bundle of this repository to a folder and save its network, freshly initialised (seed 0), as
-    ``models/model.pt``: enough for inference tests that do not depend on training."""
+    ``models/model.pt`` the way the bundle's training saves it (weights and network definition): enough for inference
+    tests that do not depend on training."""
 
     def make(name: str, parent: Path) -> Path:
         import torch
-        from monai.bundle import ConfigParser
+
+        from monai_qsa.bundle import bundle_workflow
+        from monai_qsa.models import NetworkDefinition
 
         target = parent / name
         shutil.copytree(
@@ -36,11 +39,11 @@ def untrained_bundle():
             target,
             ignore=shutil.ignore_patterns("models", "logs", "eval", "data", "predictions"),
         )
-        parser = ConfigParser()
-        parser.read_config(str(target / "configs" / "inference.json"))
         torch.manual_seed(0)
+        network = bundle_workflow(target).network_def
         (target / "models").mkdir()
-        torch.save(parser.get_parsed_content("network_def").state_dict(), target / "models" / "model.pt")
+        checkpoint = {"network": network.state_dict(), "network_def": NetworkDefinition(network).state_dict()}
+        torch.save(checkpoint, target / "models" / "model.pt")
         return target
 
     return make

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 from monai_qsa.data import load_datalist, make_synthetic_dataset
+from monai_qsa.data.synthetic import CLASS_NAMES
+from monai_qsa.models import recorded_network_definition
 
 REPO = Path(__file__).resolve().parents[1]
 BUNDLES = ("sa_seg", "sa_seg3d", "sa_cls")
@@ -165,11 +167,15 @@ def test_classification_bundle_train_evaluate_infer(workdir, tmp_path):
         "2",
         "--val_interval",
         "1",
+        "--network_def#block_inplanes",
+        "[8,16,32,64]",  # the network travels with the model: every consumer below serves this one
         *QUICK_QUANTISATION,
         cwd=bundle,
     )
     report = json.loads((bundle / "models/quantization_report.json").read_text())
     assert report["key_metric"] == "val_accuracy" and (bundle / "models/model_int8.pt2").is_file() == report["accepted"]
+    recorded = recorded_network_definition(bundle / "models/model.pt")
+    assert recorded["_target_"].endswith("SAResNet") and recorded["block_inplanes"] == [8, 16, 32, 64]
     bundle_cli(
         "run",
         "--config_file",
@@ -197,7 +203,17 @@ def test_classification_bundle_train_evaluate_infer(workdir, tmp_path):
     assert sorted(Path(row[0]).name.split(".")[0] for row in rows) == sorted(n.split(".")[0] for n in names)
     for row in rows:
         probabilities = [float(v) for v in row[1:]]
-        assert len(probabilities) == 3 and abs(sum(probabilities) - 1) < 1e-4
+        assert len(probabilities) == len(CLASS_NAMES) and abs(sum(probabilities) - 1) < 1e-4
+    served = subprocess.run(
+        [sys.executable, "-m", "monai_qsa", "infer", "--bundle", str(bundle), "--input", str(data / "imagesTs")]
+        + ["--output", str(tmp_path / "cli")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert served.returncode == 0, served.stderr[-3000:]
+    with open(tmp_path / "cli" / "probabilities.csv") as file:
+        assert len(list(csv.reader(file))) == len(rows) + 1  # header + one row per image
 
 
 def test_multi_gpu_train_with_torchrun_on_cpu_and_resume(workdir):

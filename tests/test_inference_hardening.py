@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 from test_inference import finished, infer_cli, summary_rows, volume
 
+from monai_qsa.data.folders import scan_inputs
 from monai_qsa.inference.bundle_runner import MAX_IMAGE_VOXELS
-from monai_qsa.inference.inputs import assign_outputs, scan_inputs
+from monai_qsa.inference.inputs import assign_outputs
 
 
 @pytest.fixture

@@ -100,3 +100,27 @@ def test_explain_cli_writes_maps_in_the_input_geometry(tmp_path, untrained_bundl
     # the prediction saved with the maps is the one plain inference gives
     saved, inferred = (nib.load(tmp_path / f"{folder}/slice_seg.nii.gz").get_fdata() for folder in ("maps", "pred"))
     np.testing.assert_array_equal(saved, inferred)
+
+
+def test_explain_goes_on_past_bad_files_and_reports_every_entry(tmp_path, untrained_bundle, capsys):
+    """explain shares infer's failure policy: a corrupt file, a non-image and a hidden file are each reported and
+    the good file is still explained."""
+    from monai_qsa.visualize.explain import explain
+
+    bundle = untrained_bundle("sa_seg", tmp_path)
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    image = np.random.default_rng(0).normal(100, 20, (40, 36)).astype(np.float32)
+    nib.save(nib.Nifti1Image(image, np.eye(4)), inputs / "good.nii.gz")
+    (inputs / "broken.nii.gz").write_bytes(b"not gzip data at all")
+    (inputs / "notes.txt").write_text("not an image")
+    (inputs / ".hidden.nii.gz").write_bytes(b"")
+
+    status = explain(bundle, inputs, tmp_path / "maps", methods=())
+    lines = dict(line.split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert status == 1
+    assert lines[str(inputs / "good.nii.gz")].endswith(f"files in {tmp_path / 'maps'}")
+    assert lines[str(inputs / "broken.nii.gz")].startswith("failed: unreadable image header")
+    assert lines[str(inputs / "notes.txt")].startswith("failed: unsupported extension")
+    assert lines[str(inputs / ".hidden.nii.gz")].startswith("ignored: hidden entry")
+    assert (tmp_path / "maps" / "good_seg.nii.gz").is_file()

@@ -14,34 +14,20 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from monai_qsa.data.folders import IMAGE_SUFFIXES
+from monai_qsa.data.headers import read_image_header
 from monai_qsa.data.synthetic import SYNTHETIC_TASKS, make_synthetic_dataset
 from monai_qsa.utils.cache import cache_dir
 from monai_qsa.utils.files import atomic_write
 
-__all__ = ["IMAGE_SUFFIXES", "prepare_dataset", "load_datalist", "image_shape", "folder_datalist", "label_values"]
+__all__ = ["prepare_dataset", "load_datalist", "label_values"]
 
-IMAGE_SUFFIXES = (".nii", ".nii.gz", ".mha", ".mhd", ".nrrd", ".nhdr")
 #: share of ``training`` used for validation when ``dataset.json`` has no ``validation`` list
 VALIDATION_FRACTION = 0.2
 #: offending values and files quoted in one error message
 _MAX_QUOTED = 10
 
 logger = logging.getLogger(__name__)
-
-
-def image_shape(path: str | os.PathLike) -> tuple[int, ...]:
-    """Array shape of an image file, read from its header only (nibabel for NIfTI, SimpleITK for ITK formats)."""
-    name = str(path).lower()
-    if name.endswith((".nii", ".nii.gz")):
-        return tuple(nib.load(path).shape)
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    size = reader.GetSize()
-    components = reader.GetNumberOfComponents()
-    return tuple(size) + ((components,) if components > 1 else ())
 
 
 def _read_array(path: str) -> np.ndarray:
@@ -311,7 +297,7 @@ def load_datalist(dataset_dir: str | os.PathLike, task: str, num_classes: int | 
                 checked[split].append({"image": image, "label": item["label"]})
                 continue
             label = resolve(item["label"])
-            image_size, label_size = image_shape(image), image_shape(label)
+            image_size, label_size = read_image_header(image).shape, read_image_header(label).shape
             if image_size[: len(label_size)] != label_size:
                 raise ValueError(f"label {label} has shape {label_size} but its image {image} has shape {image_size}.")
             checked[split].append({"image": image, "label": label})
@@ -330,22 +316,3 @@ def prepare_dataset(dataset_dir: str | os.PathLike, task: str, seed: int = 0, nu
         logger.info(f"dataset_dir {dataset_dir} does not exist: writing the built-in synthetic {task} dataset there.")
         make_synthetic_dataset(task, dataset_dir, seed=seed)
     return load_datalist(dataset_dir, task, num_classes=num_classes)
-
-
-def folder_datalist(input_dir: str | os.PathLike, recursive: bool = False) -> list[dict]:
-    """``[{"image": path}, ...]`` for the image files (:data:`IMAGE_SUFFIXES`) in ``input_dir``, sorted.
-
-    Raises:
-        FileNotFoundError / ValueError: the folder does not exist, or holds no image file.
-    """
-    root = Path(input_dir)
-    if not root.is_dir():
-        raise FileNotFoundError(f"input folder {root} does not exist.")
-    files = sorted(
-        p
-        for p in (root.rglob("*") if recursive else root.iterdir())
-        if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)
-    )
-    if not files:
-        raise ValueError(f"input folder {root} holds no image file ({', '.join(IMAGE_SUFFIXES)}).")
-    return [{"image": str(p.resolve())} for p in files]

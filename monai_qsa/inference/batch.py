@@ -13,14 +13,14 @@ import logging
 import os
 import secrets
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from monai_qsa.data.datalist import IMAGE_SUFFIXES
+from monai_qsa.data.folders import InputEntry, scan_inputs
 from monai_qsa.inference.bundle_runner import (
     BundleRunner,
     CaseError,
@@ -30,8 +30,15 @@ from monai_qsa.inference.bundle_runner import (
     parse_device,
     predicts_segmentation,
 )
+from monai_qsa.inference.cases import (
+    BundleLoadError,
+    CaseRecord,
+    OutputFolderError,
+    ProbabilitiesFileError,
+    case_record,
+)
 from monai_qsa.inference.claims import CaseClaim, remove_claims_folder
-from monai_qsa.inference.inputs import InputEntry, assign_outputs, case_stem, list_inputs, output_path, scan_inputs
+from monai_qsa.inference.inputs import assign_outputs, output_path
 from monai_qsa.utils.csv_rows import append_csv_row
 from monai_qsa.utils.energy import EnergyMeter
 from monai_qsa.utils.files import atomic_write, partial_files
@@ -39,9 +46,6 @@ from monai_qsa.utils.nifti import save_nifti
 
 __all__ = [
     "run_batch_inference",
-    "list_inputs",
-    "case_stem",
-    "output_path",
     "SUMMARY_COLUMNS",
     "OutputFolderError",
     "BundleLoadError",
@@ -56,18 +60,6 @@ EXISTS = "output exists (use --overwrite to redo)"
 logger = logging.getLogger(__name__)
 
 
-class OutputFolderError(OSError):
-    """The output folder cannot be written (read-only, no space left, no permission): the run stops."""
-
-
-class BundleLoadError(ValueError):
-    """The bundle's inference pipeline or model cannot be loaded."""
-
-
-class ProbabilitiesFileError(ValueError):
-    """``probabilities.csv`` in the output folder is not one this bundle's rows can be appended to."""
-
-
 class OtherRankError(ValueError):
     """Under torchrun, another rank stopped on a whole-run error: this rank stops too (same exit status)."""
 
@@ -78,19 +70,6 @@ class _OtherRankCrash(RuntimeError):
 
 class _Unlinked(Exception):
     """A summary part's temporary file was removed by a concurrent run's clean-up before it was locked."""
-
-
-@dataclass
-class CaseRecord:
-    """One line of the run summary."""
-
-    file: str
-    status: str  # ok, skipped, failed, ignored
-    reason: str = ""  # why it failed, was skipped or ignored; for ok, a note on the input (empty if none)
-    output: str = ""
-    latency_s: float | str = ""
-    energy_j: float | str = ""
-    energy_method: str = ""
 
 
 def check_output_writable(output_dir: Path) -> None:
@@ -306,8 +285,6 @@ class _BatchRun:
 
     def case(self, path: Path, wait: bool) -> CaseRecord | None:
         """The summary record of one input; ``None`` if another process holds its claim and ``wait`` is False."""
-        if not path.name.lower().endswith(IMAGE_SUFFIXES):
-            return CaseRecord(str(path), "failed", f"unsupported extension (reads {', '.join(IMAGE_SUFFIXES)})")
         if self._done_reason(path, concurrent=False):
             return CaseRecord(str(path), "skipped", EXISTS, output=str(self._output_of(path)))
         claim = CaseClaim(self.output_dir, self._key(path))
@@ -401,22 +378,9 @@ def _summary_name(world: int) -> str:
     return name[0]
 
 
-def _record_of(run: _BatchRun, entry: InputEntry, wait: bool) -> CaseRecord | None:
-    """The summary record of one entry; per-file failures never stop the batch (output-folder ones do)."""
-    if entry.status:
-        return CaseRecord(str(entry.path), entry.status, entry.reason)
-    try:
-        return run.case(entry.path, wait)
-    except (OutputFolderError, BundleLoadError, ProbabilitiesFileError):
-        raise
-    except Exception as error:  # a bug on one file must not stop the batch
-        logger.exception(f"{entry.path}: unexpected failure")
-        return CaseRecord(str(entry.path), "failed", f"{type(error).__name__}: {error}")
-
-
 def _settle(run: _BatchRun, entry: InputEntry, wait: bool, part: _SummaryPart) -> CaseRecord | None:
     """Process or report one entry and add its record to the summary part; ``None``: claimed by another run."""
-    record = _record_of(run, entry, wait)
+    record = case_record(entry, lambda path: run.case(path, wait))
     if record is None:
         logger.info(f"{entry.path}: being processed by another run; checked again at the end")
         return None

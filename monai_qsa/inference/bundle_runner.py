@@ -12,17 +12,16 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
-from monai.bundle import ConfigParser
 from monai.transforms import Compose, LoadImaged, SaveImaged
+
+from monai_qsa.bundle import bundle_workflow
+from monai_qsa.data.headers import ImageHeader, read_image_header
 
 __all__ = [
     "BundleRunner",
     "CaseError",
-    "ImageHeader",
-    "read_image_header",
     "bundle_metadata",
     "predicts_segmentation",
     "root_cause",
@@ -55,43 +54,6 @@ class CaseResult:
     pred: torch.Tensor
     seconds: float
     note: str = ""
-
-
-@dataclass(frozen=True)
-class ImageHeader:
-    """What an image header says, read without the pixel data.
-
-    Attributes:
-        shape: array shape (spatial axes first, then components if more than one).
-        voxel_to_world: linear part of the voxel-to-world transform (one column per spatial axis).
-        expected_bytes: file size the header implies for uncompressed single-file formats, else ``None``.
-    """
-
-    shape: tuple[int, ...]
-    voxel_to_world: np.ndarray
-    expected_bytes: int | None = None
-
-
-def read_image_header(path: str | os.PathLike) -> ImageHeader:
-    """Read the header of a NIfTI (nibabel) or ITK-format (SimpleITK) image file."""
-    name = str(path).lower()
-    if name.endswith((".nii", ".nii.gz")):
-        image = nib.load(path)
-        shape = tuple(int(s) for s in image.shape)
-        expected = None
-        if name.endswith(".nii"):
-            header = image.header
-            data_bytes = int(np.prod(shape, dtype=np.int64)) * header.get_data_dtype().itemsize
-            expected = int(image.dataobj.offset) + data_bytes
-        return ImageHeader(shape, np.asarray(image.affine, dtype=float)[:3, : min(len(shape), 3)], expected)
-    import SimpleITK as sitk
-
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.ReadImageInformation()
-    size, components = tuple(reader.GetSize()), reader.GetNumberOfComponents()
-    direction = np.asarray(reader.GetDirection(), dtype=float).reshape(len(size), len(size))
-    return ImageHeader(size + ((components,) if components > 1 else ()), direction @ np.diag(reader.GetSpacing()))
 
 
 def parse_device(device: str | torch.device) -> torch.device:
@@ -159,17 +121,14 @@ class BundleRunner:
     def __init__(self, bundle_dir: str | os.PathLike, int8: bool = False, device: str = "cpu") -> None:
         self.bundle_dir = Path(bundle_dir).resolve()
         self.metadata = bundle_metadata(self.bundle_dir)
-        parser = ConfigParser()
-        parser.read_config(str(self.bundle_dir / "configs" / "inference.json"))
-        parser.read_meta(str(self.bundle_dir / "configs" / "metadata.json"))
         self.device = parse_device(device)  # validated, then passed as the object: never evaluated as an expression
-        parser.update({"bundle_root": str(self.bundle_dir), "use_int8": int8, "device": self.device})
-        self.spatial_dims = int(parser.get_parsed_content("network_def#spatial_dims"))
+        workflow = bundle_workflow(self.bundle_dir, use_int8=int8, device=self.device)
+        self.spatial_dims = int(workflow.parser.get_parsed_content("network_def#spatial_dims"))
         self.is_segmentation = predicts_segmentation(self.metadata)
-        self.preprocessing = parser.get_parsed_content("preprocessing")
-        self.inferer = parser.get_parsed_content("inferer")
-        self.network = parser.get_parsed_content("network").to(self.device).eval()
-        postprocessing = parser.get_parsed_content("postprocessing")
+        self.preprocessing = workflow.preprocessing
+        self.inferer = workflow.inferer
+        self.network = workflow.parser.get_parsed_content("network").to(self.device).eval()
+        postprocessing = workflow.postprocessing
         # outputs are written by the caller (temporary name, then rename), not by the bundle's SaveImaged
         self.postprocessing = Compose([t for t in postprocessing.transforms if not isinstance(t, SaveImaged)])
         self.labels = self.metadata["network_data_format"]["outputs"]["pred"].get("channel_def", {})

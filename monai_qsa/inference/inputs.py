@@ -1,107 +1,14 @@
-"""What batch inference finds in an input folder, and where each image's output goes.
-
-Every entry is accounted for: an image file to process, or an entry listed with the reason it is not one (hidden,
-a sub-folder without ``--recursive``, pixel data of a detached header, a dangling symlink, a symlink loop, a folder
-named like an image, a special file). Output names never collide: inputs that would share one get distinct names.
-"""
+"""Where each image of a batch-inference run writes its output: output names never collide, inputs that would
+share one get distinct names. What the input folder holds comes from :mod:`monai_qsa.data.folders`."""
 
 from __future__ import annotations
 
-import errno
-import os
-import stat
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
-from monai_qsa.data.datalist import IMAGE_SUFFIXES
+from monai_qsa.data.folders import IMAGE_SUFFIXES
 
-__all__ = ["InputEntry", "scan_inputs", "list_inputs", "case_stem", "output_path", "assign_outputs"]
-
-IGNORED, FAILED = "ignored", "failed"
-
-
-@dataclass(frozen=True)
-class InputEntry:
-    """One entry under the input folder: a file to process (``status`` empty) or one that is not, with why.
-
-    Attributes:
-        path: the entry as found under the input folder (symlinks not resolved).
-        status: ``""`` (a file to process), ``"ignored"`` (not an input by design) or ``"failed"`` (meant as an
-            input but unusable).
-        reason: why the entry is not processed.
-    """
-
-    path: Path
-    status: str = ""
-    reason: str = ""
-
-
-def _looks_like_image(name: str) -> bool:
-    return name.lower().endswith(IMAGE_SUFFIXES)
-
-
-def _is_detached_data(path: Path) -> bool:
-    """Pixel data of a detached-header image (``x.raw`` of ``x.mhd`` / ``x.nhdr``): read through its header."""
-    return path.name.lower().endswith((".raw", ".zraw", ".raw.gz")) and any(
-        path.with_name(path.name.split(".")[0] + header).is_file() for header in (".mhd", ".nhdr")
-    )
-
-
-def _classify(path: Path, recursive: bool, visited: set[tuple[int, int]]) -> tuple[InputEntry | None, bool]:
-    """The entry for ``path`` (``None`` for a folder that is only walked into) and whether to walk into it."""
-    if path.name.startswith("."):
-        return InputEntry(path, IGNORED, "hidden entry (name starts with '.')"), False
-    try:
-        info = path.stat()
-    except OSError as error:
-        if path.is_symlink():
-            if error.errno == errno.ELOOP:
-                return InputEntry(path, FAILED, "symlink loop: the link resolves to itself"), False
-            return InputEntry(path, FAILED, f"dangling symlink: its target {os.readlink(path)} does not exist"), False
-        return InputEntry(path, FAILED, f"cannot read entry: {error.strerror}"), False
-    if stat.S_ISDIR(info.st_mode):
-        if (info.st_dev, info.st_ino) in visited:
-            return InputEntry(path, FAILED, "symlink loop: this folder was already visited"), False
-        if _looks_like_image(path.name):
-            return InputEntry(path, FAILED, "a folder named like an image, not an image file"), recursive
-        if not recursive:
-            return InputEntry(path, IGNORED, "sub-folder (use --recursive to process it)"), False
-        return None, True
-    if not stat.S_ISREG(info.st_mode):
-        return InputEntry(path, FAILED, "not a regular file (a device, pipe or socket)"), False
-    if _is_detached_data(path):
-        return InputEntry(path, IGNORED, "pixel data of a detached header (read through the header)"), False
-    return InputEntry(path), False
-
-
-def _scan(folder: Path, recursive: bool, visited: set[tuple[int, int]], entries: list[InputEntry]) -> None:
-    info = folder.stat()
-    visited.add((info.st_dev, info.st_ino))
-    try:
-        children = sorted(folder.iterdir())
-    except OSError as error:
-        entries.append(InputEntry(folder, FAILED, f"cannot list the folder: {error.strerror}"))
-        return
-    for child in children:
-        entry, walk_into = _classify(child, recursive, visited)
-        if entry is not None:
-            entries.append(entry)
-        if walk_into:
-            _scan(child, recursive, visited, entries)
-
-
-def scan_inputs(input_dir: Path, recursive: bool) -> list[InputEntry]:
-    """Every entry of ``input_dir`` (and, if ``recursive``, of its sub-folders, symlinked ones followed once),
-    sorted by path."""
-    entries: list[InputEntry] = []
-    _scan(input_dir, recursive, set(), entries)
-    return sorted(entries, key=lambda entry: entry.path)
-
-
-def list_inputs(input_dir: Path, recursive: bool) -> list[Path]:
-    """The files of ``input_dir`` to process (supported or not: unsupported ones are reported by the caller)."""
-    return [entry.path for entry in scan_inputs(input_dir, recursive) if not entry.status]
+__all__ = ["case_stem", "output_path", "assign_outputs"]
 
 
 def case_stem(path: Path) -> str:

@@ -12,8 +12,10 @@ import numpy as np
 from monai.data import MetaTensor
 from monai.transforms import Invertd, LoadImage
 
-from monai_qsa.inference.batch import case_stem, list_inputs
-from monai_qsa.inference.bundle_runner import BundleRunner, CaseError
+from monai_qsa.data.folders import InputEntry, scan_inputs
+from monai_qsa.inference.bundle_runner import BundleRunner
+from monai_qsa.inference.cases import CaseRecord, case_record
+from monai_qsa.inference.inputs import case_stem
 from monai_qsa.utils.nifti import save_nifti
 from monai_qsa.visualize.attention import attention_maps
 from monai_qsa.visualize.saliency import saliency_maps
@@ -171,24 +173,31 @@ def explain(
     int8: bool = False,
     methods: tuple[str, ...] = ("gradcam",),
 ) -> int:
-    """``python -m monai_qsa explain``: maps and predictions for one file or every file of a folder; prints the
-    number of files written for each input.
+    """``python -m monai_qsa explain``: maps and predictions for one file or every file of a folder; prints one line
+    per entry: the number of files written, or why the entry was not explained. A bad file does not stop the others
+    (the failure policy of ``infer``: :func:`monai_qsa.inference.cases.case_record`).
 
     Returns:
-        0 if every file was explained, 1 if any failed (each failure is printed with its reason).
+        0 if every file was explained, 1 if any failed.
     """
     inputs, output_dir = Path(inputs).resolve(), Path(output_dir).resolve()
     if not inputs.exists():
         raise FileNotFoundError(f"--input {inputs} does not exist.")
-    files = [inputs] if inputs.is_file() else list_inputs(inputs, recursive=False)
+    entries = [InputEntry(inputs)] if inputs.is_file() else scan_inputs(inputs, recursive=False)
     runner = BundleRunner(bundle)
     predictor = BundleRunner(bundle, int8=True) if int8 else None
+
+    def explain_file(path: Path) -> CaseRecord:
+        written = explain_case(runner, path, output_dir, case_stem(path), methods, predictor)
+        return CaseRecord(str(path), "ok", f"{len(written)} files in {output_dir}", output=str(written[0]))
+
     failed = 0
-    for path in files:
-        try:
-            written = explain_case(runner, path, output_dir, case_stem(path), methods, predictor)
-            print(f"{path}: {len(written)} files in {output_dir}")
-        except (CaseError, RuntimeError, ValueError) as error:
-            failed += 1
-            print(f"{path}: failed: {error}")
+    for entry in entries:
+        record = case_record(entry, explain_file)
+        failed += record.status == "failed"
+        print(
+            f"{record.file}: {record.reason}"
+            if record.status == "ok"
+            else f"{record.file}: {record.status}: {record.reason}"
+        )
     return 1 if failed else 0

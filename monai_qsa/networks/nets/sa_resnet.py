@@ -10,6 +10,7 @@ from monai.networks.layers.factories import Pool
 from monai.networks.layers.utils import get_act_layer
 from torch import nn
 
+from monai_qsa.networks.arguments import records_arguments
 from monai_qsa.networks.blocks.sa_unit import SAUnit
 
 __all__ = ["SAResNet", "SABottleneck", "SARESNET_PRESETS"]
@@ -66,6 +67,7 @@ class SABottleneck(nn.Module):
         return self.act(self.expand(self.attend(self.reduce(x))) + self.shortcut(x))
 
 
+@records_arguments
 class SAResNet(nn.Module):
     """
     Classification network of Ramachandran et al. (2019): a bottleneck ResNet with every spatial convolution
