@@ -146,3 +146,16 @@ def test_wrong_input_rank():
     layer = StandAloneSelfAttention(3, 2, 6, 3, 2)
     with pytest.raises(ValueError, match="5 dimensions"):
         layer(torch.randn(1, 2, 8, 8))
+
+
+def test_mixed_precision_autocast_matches_fp32():
+    """Under autocast (the bundles' --amp on CUDA; bf16 on this CPU) the layer runs, trains and stays close to fp32."""
+    layer = StandAloneSelfAttention(2, 8, 8, kernel_size=3, num_heads=2)
+    x = torch.randn(1, 8, 12, 12, requires_grad=True)
+    reference = layer(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = layer(x)
+    assert mixed.dtype == torch.bfloat16
+    torch.testing.assert_close(mixed.float(), reference, atol=0.05, rtol=0.05)
+    mixed.float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

@@ -5,8 +5,8 @@ Implementations of one function:
 - :func:`local_attention_reference`: PyTorch operations, differentiable; used for attention maps.
 - ``torch.ops.monai_qsa.local_attention_forward`` / ``local_attention_backward`` (training; autograd registered,
   :func:`fused_local_attention`): a fused C kernel (``local_attention.c``) whose forward pass also saves each
-  position's log-sum-exp and whose backward pass recomputes the attention from it; PyTorch operations elsewhere
-  (:func:`_fused_kernels` is where a GPU kernel would plug in).
+  position's log-sum-exp and whose backward pass recomputes the attention from it; Triton kernels on CUDA
+  (``local_attention_triton``); PyTorch operations elsewhere (:func:`_fused_kernels` dispatches).
 - ``torch.ops.monai_qsa.local_attention`` (inference; the operator exported into int8 artifacts): the fused C
   forward pass, which computes logits, softmax and weighted sum per row of positions without writing the ``k^d``
   logits of the whole image to memory.
@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
+from monai_qsa.networks.blocks.local_attention_triton import triton_backward, triton_forward, triton_supports
 from monai_qsa.utils.cache import cache_dir
 from monai_qsa.utils.compile import find_compiler
 from monai_qsa.utils.cpu import cpu_signature
@@ -598,17 +599,19 @@ def check_attention_arguments(
             raise ValueError(f"{where}: {name} must be a positive finite int8 scale, got {value!r}.")
 
 
-def _fused_kernels(qkv: torch.Tensor, table: torch.Tensor) -> tuple[Callable, Callable] | None:
-    """The one dispatch point of the training operators: the fused ``(forward, backward)`` for these tensors, or None
-    for the PyTorch reference.
+def _fused_kernels(qkv: torch.Tensor, table: torch.Tensor, save_lse: bool = True) -> tuple[Callable, Callable] | None:
+    """The one dispatch point of the operators: the fused ``(forward, backward)`` for these tensors, or None for the
+    PyTorch reference. fp32 CPU tensors: the C kernels; CUDA tensors (fp32, fp16, bf16) with Triton installed: the
+    Triton kernels (``local_attention_triton``).
 
-    ``forward(qkv, table, kernel_size, dilation, scale) -> (out, lse)`` and ``backward(grad_out, qkv, table, out,
-    lse, kernel_size, dilation, scale) -> (grad_qkv, grad_table)``; a GPU (e.g. Triton) implementation of the same
-    two functions plugs in here for ``qkv.device.type == "cuda"``.
+    ``forward(qkv, table, kernel_size, dilation, scale) -> (out, lse)`` (``lse`` None unless ``save_lse``) and
+    ``backward(grad_out, qkv, table, out, lse, kernel_size, dilation, scale) -> (grad_qkv, grad_table)``.
     """
     fp32_cpu = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in (qkv, table))
     if fp32_cpu and _kernels() is not None:
-        return functools.partial(_cpu_forward, save_lse=True), _cpu_backward
+        return functools.partial(_cpu_forward, save_lse=save_lse), _cpu_backward
+    if triton_supports(qkv, table):
+        return functools.partial(triton_forward, save_lse=save_lse), triton_backward
     return None
 
 
@@ -694,16 +697,17 @@ def local_attention(
 ) -> torch.Tensor:
     """Inference-only neighbourhood attention (no autograd; the operator exported into int8 artifacts):
     :func:`local_attention_reference`'s output, computed by the fused C kernel for fp32 CPU tensors when it is
-    available.
+    available, by the Triton kernel for CUDA tensors when Triton is installed.
 
     The projection is taken as it is, in any memory layout (int8 convolutions leave it channels-last): splitting,
     scaling, padding and the layout change are one C pass here, not graph operations. Raises ``ValueError`` for
     mismatched arguments (:func:`check_attention_arguments`): a model file chooses them.
     """
     check_attention_arguments("local_attention", qkv, table, kernel_size, dilation, scale)
-    if _kernels() is None or qkv.device.type != "cpu" or qkv.dtype != torch.float32:
+    kernels = _fused_kernels(qkv, table, save_lse=False)
+    if kernels is None:
         return local_attention_reference(qkv, table, kernel_size, dilation, scale)[0]
-    return _cpu_forward(qkv, table, kernel_size, dilation, scale, save_lse=False)[0]
+    return kernels[0](qkv, table, kernel_size, dilation, scale)[0]
 
 
 @local_attention.register_fake

@@ -134,6 +134,8 @@ class StandAloneSelfAttention(nn.Module):
         # (B, 3 * C_out, *S) -> (B, 3, heads, d_head, *S): queries, keys and values of every head
         qkv = self.qkv(x).reshape((batch, 3, self.num_heads, self.head_channels) + spatial)
         table = relative_position_table(list(self.rel_pos), self.axis_channels)
+        if table.dtype != qkv.dtype:  # under autocast the projection is bf16/fp16 while the embeddings stay fp32
+            table = table.to(qkv.dtype)
         needs_grad = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         if return_attention:
             out, attn = local_attention_reference(qkv, table, self.kernel_size, self.dilation, self.scale)
