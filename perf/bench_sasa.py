@@ -78,7 +78,7 @@ def inference_benchmarks(repeats: int) -> None:
     torch.manual_seed(0)
     cases = [(2, 64, (128, 128), 7), (3, 32, (32, 32, 32), 5)]
     print(f"Inference: torch {torch.__version__}, 1 thread, median of {repeats}; peak = extra memory of one call")
-    print(f"{'case':28s} {'impl':14s} {'mode':8s} {'median ms':>10s} {'peak MiB':>9s} {'GMAC':>7s}")
+    print(f"{'case':28s} {'impl':16s} {'mode':8s} {'median ms':>10s} {'peak MiB':>9s} {'GMAC':>7s}")
     for dims, channels, spatial, k in cases:
         x = torch.randn((1, channels) + spatial)
         sasa = StandAloneSelfAttention(dims, channels, channels, kernel_size=k, num_heads=8).eval()
@@ -102,7 +102,7 @@ def inference_benchmarks(repeats: int) -> None:
                     peak = peak_memory_bytes(call) / 2**20
                     results[name, mode] = seconds
                     label = f"{dims}D 1x{channels}x{'x'.join(map(str, spatial))} k={k}"
-                    print(f"{label:28s} {name:14s} {mode:8s} {seconds * 1e3:10.1f} {peak:9.1f} {macs:7.2f}")
+                    print(f"{label:28s} {name:16s} {mode:8s} {seconds * 1e3:10.1f} {peak:9.1f} {macs:7.2f}")
         for mode in ("eager", "compiled"):
             print(
                 f"  {dims}D {mode}: pytorch/sasa = {results['sasa-pytorch', mode] / results['sasa', mode]:.2f}x, "
@@ -148,6 +148,10 @@ def training_cases() -> dict[str, tuple[torch.Tensor, dict[str, torch.nn.Module]
             torch.randn(4, 1, 64, 64),
             {
                 "SAUNet k=5": SAUNet(2, 1, 2, features=features, kernel_size=5, num_heads=4),
+                **{
+                    f"{preset} k=5": SAUNet(2, 1, 2, features=features, kernel_size=5, num_heads=4, preset=preset)
+                    for preset in ("s2_light", "s4_light")
+                },
                 "MONAI UNet": UNet(2, 1, 2, channels=features, strides=(2, 2, 2)),
             },
             "MONAI UNet",
@@ -155,27 +159,30 @@ def training_cases() -> dict[str, tuple[torch.Tensor, dict[str, torch.nn.Module]
     }
 
 
-def training_benchmarks(repeats: int) -> None:
+def training_benchmarks(repeats: int, case: str | None = None) -> None:
     print(f"Training step (forward + backward), torch {torch.__version__}, eager, median of {repeats}")
-    print(f"{'case':26s} {'impl':14s} {'threads':>7s} {'median ms':>10s} {'/ baseline':>10s}")
+    print(f"{'case':26s} {'impl':16s} {'threads':>7s} {'median ms':>10s} {'/ baseline':>10s}")
     for label, (x, modules, baseline) in training_cases().items():
+        if case and case not in label:
+            continue
         for threads in (1, 2):
             torch.set_num_threads(threads)
             medians = {name: median_seconds(training_step(module, x), repeats) for name, module in modules.items()}
             for name, seconds in medians.items():
                 ratio = seconds / medians[baseline]
-                print(f"{label:26s} {name:14s} {threads:7d} {seconds * 1e3:10.1f} {ratio:9.2f}x")
+                print(f"{label:26s} {name:16s} {threads:7d} {seconds * 1e3:10.1f} {ratio:9.2f}x")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--part", choices=("all", "inference", "training"), default="all")
+    parser.add_argument("--case", help="run only the training cases whose name contains this text")
     args = parser.parse_args()
     if args.part in ("all", "inference"):
         inference_benchmarks(args.repeats)
     if args.part in ("all", "training"):
-        training_benchmarks(args.repeats)
+        training_benchmarks(args.repeats, args.case)
 
 
 if __name__ == "__main__":
