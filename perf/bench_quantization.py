@@ -1,19 +1,22 @@
 """fp32 vs int8 latency and file size of SAUNet against MONAI's BasicUNet (the CNN baseline), 2D and 3D, at 1 and
-2 threads, eager and compiled, both quantisation backends; and the attention operator alone: the fp32 fused kernel
-against the int8 kernel on each instruction-set path this CPU runs, with the int8 kernel's integer operations per
-second against this machine's int8 peak (a large ``torch._int_mm``, oneDNN), measured in the same run. Prints
-medians and ratios measured in this run.
+2 threads, eager and compiled, both quantisation backends, with the int8 engine's steps one by one (PT2E only, +
+int8 attention, + int8 3D convolutions); and the attention operator alone: the fp32 fused kernel against the int8
+kernel on each instruction-set path this CPU runs, with the int8 kernel's integer operations per second against this
+machine's int8 peak (a large ``torch._int_mm``, oneDNN), measured in the same run. Prints medians and ratios
+measured in this run, and at the end the summary table of docs/int8_attention.md.
 
 Inputs are random (latency does not depend on the values); calibration uses 2 random batches.
 
-    python perf/bench_quantization.py [--repeats 5] [--cases 2d 3d attention-2d attention-3d]
+    python perf/bench_quantization.py [--repeats 5] [--cases 2d 3d attention-2d attention-3d] [--saunet-only]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
+import time
 import warnings
 
 import torch
@@ -26,10 +29,10 @@ from monai_qsa.networks.blocks.local_attention_int8 import (
     symmetric_scale,
 )
 from monai_qsa.quantization import quantize_ptq, save_quantized
-from monai_qsa.quantization.int8_attention import quantize_attention_int8
 from monai_qsa.utils.compile import compile_for_cpu
 from monai_qsa.utils.complexity import count_flops, count_parameters, serialized_size
-from monai_qsa.utils.timing import median_seconds
+from monai_qsa.utils.cpu import cpu_model
+from monai_qsa.utils.timing import median_seconds as median_wall_seconds
 
 #: input shape and the two networks of each case: SAUNet as in the sa_seg / sa_seg3d bundles, BasicUNet default
 CASES = {
@@ -41,10 +44,36 @@ CASES = {
 #: the attention operator alone, at the first SA level of SAUNet in each case above: spatial_dims, image size,
 #: channels, heads, kernel size
 ATTENTION_CASES = {"attention-2d": (2, (128, 128), 64, 4, 7), "attention-3d": (3, (32, 32, 32), 32, 2, 5)}
-#: SAUNet quantised by quantize_ptq, then its attention by quantize_attention_int8
+#: the int8 engine step by step: PT2E alone (fp32 attention, 3D convolutions computed in fp32), + the int8
+#: attention, + int8 3D convolutions (the default of quantize_ptq); each compiled with freezing
+PT2E_FORM = "int8 x86_inductor compiled"
 INT8_ATTENTION_FORM = "int8 + int8 attention compiled"
+INT8_ENGINE_FORM = "int8 + int8 attention + int8 conv3d compiled"
+ENGINE_OPTIONS = {
+    PT2E_FORM: dict(int8_attention=False, int8_conv3d=False),
+    INT8_ATTENTION_FORM: dict(int8_attention=True, int8_conv3d=False),
+    INT8_ENGINE_FORM: dict(int8_attention=True, int8_conv3d=True),
+}
 #: side of the square int8 matrices whose product measures the int8 peak
 PEAK_SIZE = 1024
+#: "wall": wall-clock time; "thread": CPU time of the calling thread at 1 thread (the C kernels and Inductor's code
+#: then run in it), wall-clock at 2 threads: for machines shared with other jobs, where waiting inflates wall time
+CLOCKS = ("wall", "thread")
+_clock = "wall"
+
+
+def median_seconds(fn, repeats: int, warmup: int) -> float:
+    """Median time of ``fn()`` over ``repeats`` calls after ``warmup`` calls, on the chosen clock (``CLOCKS``)."""
+    if _clock == "wall" or torch.get_num_threads() > 1:
+        return median_wall_seconds(fn, repeats, warmup=warmup)
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.thread_time()
+        fn()
+        times.append(time.thread_time() - start)
+    return statistics.median(times)
 
 
 def int8_peak_ops_per_second(repeats: int) -> float:
@@ -63,8 +92,9 @@ def int8_attention_ops(dims: int, size: tuple[int, ...], channels: int, kernel_s
     return 2 * (logits + weighted_sum)
 
 
-def bench_attention(case: str, repeats: int) -> None:
-    """fp32 fused vs int8 attention operator, every int8 path, 1 and 2 threads; ratios and share of the int8 peak."""
+def bench_attention(case: str, repeats: int) -> list[str]:
+    """fp32 fused vs int8 attention operator, every int8 path, 1 and 2 threads; ratios and share of the int8 peak.
+    Returns the rows of the summary table."""
     dims, size, channels, heads, kernel_size = ATTENTION_CASES[case]
     head_channels = channels // heads
     qkv = torch.randn((1, 3, heads, head_channels) + size)
@@ -76,6 +106,7 @@ def bench_attention(case: str, repeats: int) -> None:
     print(
         f"\n{case}: C={channels}, {heads} heads, k={kernel_size}, image {size}; int8 kernel {ops / 1e9:.2f} G int ops"
     )
+    rows = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
         peak = int8_peak_ops_per_second(repeats)
@@ -91,29 +122,52 @@ def bench_attention(case: str, repeats: int) -> None:
                 f"  {threads} thread(s) int8 {path:12s} {int8 * 1e3:8.2f} ms  {fp32 / int8:5.2f}x fp32  "
                 f"{ops / int8 / 1e9:6.1f} G int ops/s = {ops / int8 / peak:6.1%} of the int8 peak"
             )
+            rows.append(
+                f"| operator {case}, {path} | {threads} | {fp32 * 1e3:.2f} ms | {int8 * 1e3:.2f} ms | "
+                f"{fp32 / int8:.2f}x | {ops / int8 / peak:.1%} of {peak / 1e9:.0f} G ops/s |"
+            )
         os.environ.pop(PATH_VARIABLE)
+    return rows
 
 
-def variants(net: torch.nn.Module, x: torch.Tensor, artifact: str) -> tuple[dict[str, torch.nn.Module], int]:
-    """The runnable forms of one network and the size of its int8 artifact."""
+def variants(
+    net: torch.nn.Module, x: torch.Tensor, artifact: str, engine_only: bool
+) -> tuple[dict[str, torch.nn.Module], int]:
+    """The runnable forms of one network (with ``engine_only``: fp32 compiled and the int8 engine's steps) and the
+    size of its default int8 artifact."""
     calibration = [torch.randn_like(x), torch.randn_like(x)]
-    pt2e = quantize_ptq(net, calibration, torch.cat(calibration))
-    save_quantized(artifact, pt2e, torch.cat(calibration))
-    forms = {
-        "fp32 eager": net,
-        "fp32 compiled": compile_for_cpu(net),
-        "int8 x86_eager": quantize_ptq(net, calibration, x, backend="x86_eager"),
-        "int8 x86_inductor compiled": compile_for_cpu(pt2e, freezing=True),
-    }
-    int8_attention = quantize_ptq(net, calibration, torch.cat(calibration))
-    if quantize_attention_int8(int8_attention.program, calibration):  # networks with SA layers
-        forms[INT8_ATTENTION_FORM] = compile_for_cpu(int8_attention, freezing=True)
+    example = torch.cat(calibration)
+    forms = {"fp32 compiled": compile_for_cpu(net)}
+    if not engine_only:
+        forms["fp32 eager"] = net
+        forms["int8 x86_eager"] = quantize_ptq(net, calibration, x, backend="x86_eager")
+    programs = {form: quantize_ptq(net, calibration, example, **options) for form, options in ENGINE_OPTIONS.items()}
+    save_quantized(artifact, programs[INT8_ENGINE_FORM], example)
+    for form, program in programs.items():
+        forms[form] = compile_for_cpu(program, freezing=True)
     return forms, serialized_size(artifact)
+
+
+def summary_rows(case: str, medians: dict[tuple[str, str, int], float]) -> list[str]:
+    """The summary table's rows of one network case: each int8 form against SAUNet fp32 compiled."""
+    rows = []
+    for threads in (1, 2):
+        fp32 = medians[("SAUNet", "fp32 compiled", threads)]
+        ratios = " | ".join(
+            f"{medians[('SAUNet', form, threads)] * 1e3:.1f} ms ({fp32 / medians[('SAUNet', form, threads)]:.2f}x)"
+            for form in ENGINE_OPTIONS
+        )
+        rows.append(f"| SAUNet {case} {CASES[case][0][2:]} | {threads} | {fp32 * 1e3:.1f} ms | {ratios} |")
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--clock", choices=CLOCKS, default="wall", help="wall, or thread CPU time at 1 thread")
+    parser.add_argument(
+        "--saunet-only", action="store_true", help="only SAUNet, compiled: fp32 and the int8 engine's steps"
+    )
     parser.add_argument(
         "--cases",
         nargs="+",
@@ -121,22 +175,27 @@ def main() -> None:
         default=sorted(CASES) + sorted(ATTENTION_CASES),
     )
     args = parser.parse_args()
+    global _clock
+    _clock = args.clock
     warnings.filterwarnings("ignore", category=UserWarning)
-    print(f"torch {torch.__version__}, median of {args.repeats} runs after 2 warm-up runs, batch 1")
+    print(
+        f"torch {torch.__version__}, median of {args.repeats} runs after 2 warm-up runs, batch 1, {cpu_model()}, "
+        f"clock {args.clock}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
+    operator_rows, network_rows = [], []
     for case in (case for case in args.cases if case in ATTENTION_CASES):
-        bench_attention(case, args.repeats)
+        operator_rows += bench_attention(case, args.repeats)
     for case in (case for case in args.cases if case in CASES):
         shape, sa_kwargs = CASES[case]
         dims = sa_kwargs["spatial_dims"]
         x = torch.randn(shape)
-        nets = {
-            "SAUNet": SAUNet(in_channels=1, out_channels=2, **sa_kwargs).eval(),
-            "BasicUNet": BasicUNet(dims, 1, 2).eval(),
-        }
+        nets = {"SAUNet": SAUNet(in_channels=1, out_channels=2, **sa_kwargs).eval()}
+        if not args.saunet_only:
+            nets["BasicUNet"] = BasicUNet(dims, 1, 2).eval()
         medians: dict[tuple[str, str, int], float] = {}
         with tempfile.TemporaryDirectory() as tmp:
             for name, net in nets.items():
-                forms, int8_bytes = variants(net, x, os.path.join(tmp, f"{name}.pt2"))
+                forms, int8_bytes = variants(net, x, os.path.join(tmp, f"{name}.pt2"), args.saunet_only)
                 fp32_bytes = serialized_size(net)
                 print(
                     f"\n{case} {name} {tuple(shape)}: {count_parameters(net) / 1e6:.3f} M params, "
@@ -149,26 +208,33 @@ def main() -> None:
                         with torch.no_grad():
                             seconds = median_seconds(lambda model=model, x=x: model(x), args.repeats, warmup=2)
                         medians[(name, form, threads)] = seconds
-                        print(f"  {threads} thread(s) {form:32s} {seconds * 1e3:10.1f} ms")
-        print(f"\n{case} ratios (speed-up = baseline time / SAUNet int8 x86_inductor compiled time):")
-        for threads in (1, 2):
-            int8 = medians[("SAUNet", "int8 x86_inductor compiled", threads)]
-            for baseline in (
-                ("SAUNet", "fp32 compiled"),
-                ("SAUNet", "fp32 eager"),
-                ("BasicUNet", "fp32 compiled"),
-                ("BasicUNet", "fp32 eager"),
-                ("BasicUNet", "int8 x86_inductor compiled"),
-            ):
-                print(
-                    f"  {threads} thread(s) vs {' '.join(baseline):36s} {medians[baseline + (threads,)] / int8:6.2f}x"
-                )
-        print(f"\n{case} SAUNet {INT8_ATTENTION_FORM} (attention in int8 too), speed-up over:")
-        for threads in (1, 2):
-            int8_attention = medians[("SAUNet", INT8_ATTENTION_FORM, threads)]
-            for baseline in ("fp32 compiled", "int8 x86_inductor compiled"):
-                speed_up = medians[("SAUNet", baseline, threads)] / int8_attention
-                print(f"  {threads} thread(s) vs SAUNet {baseline:29s} {speed_up:6.2f}x")
+                        print(f"  {threads} thread(s) {form:46s} {seconds * 1e3:10.1f} ms")
+        if not args.saunet_only:
+            print(f"\n{case} ratios (speed-up = baseline time / SAUNet {INT8_ENGINE_FORM} time):")
+            for threads in (1, 2):
+                int8 = medians[("SAUNet", INT8_ENGINE_FORM, threads)]
+                for baseline in (
+                    ("SAUNet", "fp32 eager"),
+                    ("BasicUNet", "fp32 compiled"),
+                    ("BasicUNet", "fp32 eager"),
+                    ("BasicUNet", INT8_ENGINE_FORM),
+                ):
+                    speed_up = medians[baseline + (threads,)] / int8
+                    print(f"  {threads} thread(s) vs {' '.join(baseline):48s} {speed_up:6.2f}x")
+        network_rows += summary_rows(case, medians)
+    print_summary(operator_rows, network_rows)
+
+
+def print_summary(operator_rows: list[str], network_rows: list[str]) -> None:
+    """The tables of docs/int8_attention.md: speed-ups over fp32 in this run."""
+    if operator_rows:
+        print("\n| case | threads | fp32 fused | int8 | int8 / fp32 speed-up | share of the int8 peak |")
+        print("|---|---|---|---|---|---|")
+        print("\n".join(operator_rows))
+    if network_rows:
+        print(f"\n| network | threads | fp32 compiled | {' | '.join(ENGINE_OPTIONS)} |")
+        print("|---|---|---|" + "---|" * len(ENGINE_OPTIONS))
+        print("\n".join(network_rows))
 
 
 if __name__ == "__main__":

@@ -15,12 +15,13 @@ from pathlib import Path
 import nibabel as nib
 import pytest
 import torch
-from monai.bundle import ComponentLocator, ConfigParser
+from monai.bundle import ComponentLocator
 from monai.transforms import Compose, EnsureChannelFirstd, Invertd, LoadImaged
 from monai.transforms import Orientationd as MonaiOrientationd
 
 import monai_qsa
 from monai_qsa.data import make_synthetic_dataset
+from monai_qsa.models import runnable_network
 from monai_qsa.quantization import quantize_ptq, save_quantized
 from monai_qsa.transforms import Orientationd, Spacingd
 from monai_qsa.utils.third_party import quiet_import_noise
@@ -54,10 +55,7 @@ def images_2d(tmp_path) -> list[Path]:
 def seg_bundle(untrained_bundle, tmp_path) -> Path:
     """The sa_seg bundle with its untrained fp32 model and that model quantised to int8."""
     bundle = untrained_bundle("sa_seg", tmp_path)
-    parser = ConfigParser()
-    parser.read_config(str(bundle / "configs" / "inference.json"))
-    network = parser.get_parsed_content("network_def")
-    network.load_state_dict(torch.load(bundle / "models" / "model.pt"))
+    network = runnable_network(bundle / "models" / "model.pt")
     example = torch.rand(1, 1, 64, 64)
     int8_network = quantize_ptq(network, [torch.rand(2, 1, 64, 64)], example)
     save_quantized(bundle / "models" / "model_int8.pt2", int8_network, example)

@@ -22,13 +22,17 @@ from monai_qsa.networks.blocks.local_attention_int8 import (
 from monai_qsa.quantization.int8_attention import quantize_attention_int8
 
 # dims, heads, d_head, kernel, dilation, spatial: rows longer than the kernel's 64-position block, odd sizes,
-# rows of 32..63 positions, d_head not a multiple of 4 (zero-filled channel groups), dilation, borders everywhere
+# rows of 32..63 positions, d_head not a multiple of 4 (zero-filled channel groups), dilation, borders everywhere,
+# d_head 16 and 32
 CASES = [
     (2, 3, 6, 7, 1, (9, 70)),
     (2, 2, 5, 5, 2, (13, 67)),
     (2, 1, 8, 3, 1, (4, 3)),
     (3, 2, 8, 3, 2, (5, 6, 9)),
     (3, 1, 4, 5, 1, (3, 4, 41)),
+    (2, 2, 16, 7, 1, (5, 40)),  # d_head 4, 8, 16, 32: the kernel's specialisations, queries in registers
+    (3, 1, 16, 3, 1, (4, 5, 19)),
+    (2, 1, 32, 3, 1, (4, 21)),
 ]
 C_PATHS = ["avx512_vnni", "avx_vnni", "avx2", "scalar"]
 
@@ -116,7 +120,8 @@ def test_int8_changes_the_output():
 
 @pytest.mark.parametrize("dims", [2, 3])
 def test_any_memory_layout_of_the_projection(dims, monkeypatch):
-    """Channels-last projections (as int8 convolutions leave them) give the same output as contiguous ones."""
+    """Channels-last projections (as int8 convolutions leave them) and other strides give the same output as
+    contiguous ones."""
     problem = attention_problem(*next(case for case in CASES if case[0] == dims))
     qkv = problem[0]
     channels_last = qkv.flatten(1, 3).contiguous(
@@ -124,7 +129,11 @@ def test_any_memory_layout_of_the_projection(dims, monkeypatch):
     )
     channels_last = channels_last.unflatten(1, qkv.shape[1:4])
     assert not channels_last.is_contiguous()
-    assert torch.equal(run("auto", monkeypatch, (channels_last, *problem[1:])), run("auto", monkeypatch, problem))
+    expected = run("auto", monkeypatch, problem)
+    assert torch.equal(run("auto", monkeypatch, (channels_last, *problem[1:])), expected)
+    strided = torch.zeros(qkv.shape[:-1] + (2 * qkv.shape[-1],))[..., ::2]  # positions 2 apart: the generic path
+    strided.copy_(qkv)
+    assert torch.equal(run("auto", monkeypatch, (strided, *problem[1:])), expected)
 
 
 def test_thread_count_does_not_change_the_result(monkeypatch):

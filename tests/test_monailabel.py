@@ -80,10 +80,11 @@ def _half_foreground(bundle: Path, image: Path) -> None:
     data = runner.preprocess(image)
     with torch.no_grad():
         logits = runner.inferer(data["image"][None], runner.network)[0]
-    state = torch.load(bundle / "models" / "model.pt")
+    checkpoint = torch.load(bundle / "models" / "model.pt")
+    state = checkpoint["network"]
     last_bias = [key for key, value in state.items() if key.endswith("bias") and value.shape == (2,)][-1]
     state[last_bias][1] += float((logits[0] - logits[1]).median())
-    torch.save(state, bundle / "models" / "model.pt")
+    torch.save(checkpoint, bundle / "models" / "model.pt")
 
 
 @pytest.fixture

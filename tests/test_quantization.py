@@ -8,6 +8,7 @@ from monai.networks.nets import BasicUNet, UNet, resnet18
 
 from monai_qsa.networks import SAResNet, SAUNet, StandAloneSelfAttention
 from monai_qsa.quantization import load_quantized, quantize_ptq, save_quantized
+from monai_qsa.quantization.int8_conv3d import conv3d_int8_reference
 from monai_qsa.utils.compile import compile_for_cpu, run_mode
 from monai_qsa.utils.complexity import serialized_size
 
@@ -114,25 +115,81 @@ def test_artifact_size_of_default_saunet(tmp_path):
         assert (qmodel(x) - net(x)).norm() / net(x).norm() < 0.1
 
 
-def test_3d_convolutions_int8_in_storage_and_in_eager_arithmetic(tmp_path, caplog):
-    # the sa_seg3d network: Inductor has no int8 3D convolution, so x86_inductor stores its weights in int8 (and
-    # says so); x86_eager computes them in int8
+def test_3d_convolutions_compute_in_int8(tmp_path, caplog):
+    # the sa_seg3d network: X86InductorQuantizer leaves conv3d unannotated; with int8_conv3d, quantize_ptq swaps
+    # each one for monai_qsa::conv3d_int8 (oneDNN, uint8 input calibrated in the graph); the artifact carries the
+    # plain int8 weights
     net = SAUNet(
         spatial_dims=3, in_channels=1, out_channels=2, features=(8, 16, 32, 64), kernel_size=3, num_heads=2
     ).eval()
     x = torch.randn(2, 1, 16, 16, 16)
     with caplog.at_level("WARNING", logger="monai_qsa.quantization.ptq"):
-        qmodel = quantize_ptq(net, [x], x)
-    assert "3D convolutions are stored in int8 but computed in fp32" in caplog.text
+        qmodel = quantize_ptq(net, [x], x, int8_conv3d=True)
+    assert "computed in fp32" not in caplog.text
+    targets = [node.target for node in qmodel.program.graph.nodes]
+    assert torch.ops.monai_qsa.conv3d_int8.default in targets
+    assert torch.ops.aten.conv3d.default not in targets
     assert not [name for name, p in qmodel.named_parameters() if p.dtype == torch.float32 and p.ndim == 5]
     path = save_quantized(tmp_path / "model_int8.pt2", qmodel, x)
     assert serialized_size(path) <= 0.35 * serialized_size(net)
+    loaded = load_quantized(path)
+    assert torch.ops.monai_qsa.conv3d_int8.default in [node.target for node in loaded.program.graph.nodes]
     with torch.no_grad():
-        reference = net(x)
-        assert (qmodel(x) - reference).norm() / reference.norm() < 0.05
+        reference, int8 = net(x), qmodel(x)
+        assert (int8 - reference).norm() / reference.norm() < 0.05
+        torch.testing.assert_close(loaded(x), int8)
         eager = quantize_ptq(net, [x], x, backend="x86_eager")
         assert "quantized" in type(eager.encoder[0][0].attn.qkv.module).__module__
         assert (eager(x) - reference).norm() / reference.norm() < 0.1
+
+
+def test_3d_convolutions_weight_only_by_default(caplog):
+    # int8_conv3d=False by default: measured slower end to end (docs/quantization.md); the warning says so
+    net = SAUNet(
+        spatial_dims=3, in_channels=1, out_channels=2, features=(8, 8, 8, 8), kernel_size=3, num_heads=2
+    ).eval()
+    x = torch.randn(2, 1, 8, 8, 8)
+    with caplog.at_level("WARNING", logger="monai_qsa.quantization.ptq"):
+        qmodel = quantize_ptq(net, [x], x)
+    assert "3D convolutions are stored in int8 but computed in fp32" in caplog.text
+    assert torch.ops.monai_qsa.conv3d_int8.default not in [node.target for node in qmodel.program.graph.nodes]
+
+
+@pytest.mark.parametrize(
+    "stride, padding, dilation", [([1, 1, 1], [1, 1, 1], [1, 1, 1]), ([2, 1, 2], [0, 2, 1], [1, 2, 1])]
+)
+def test_conv3d_int8_matches_its_reference(stride, padding, dilation):
+    """oneDNN's int32 sums are exact; the fp32 reference sums the same exact products in another order."""
+    x = torch.randint(0, 256, (2, 5, 7, 9, 8), dtype=torch.uint8)
+    weight = torch.randint(-127, 128, (6, 5, 3, 3, 3), dtype=torch.int8)
+    weight_scale, bias = torch.rand(6) / 100 + 1e-3, torch.randn(6)
+    args = (x, 0.02, 120, weight, weight_scale, bias, stride, padding, dilation)
+    out = torch.ops.monai_qsa.conv3d_int8(*args)
+    expected = conv3d_int8_reference(*args)
+    assert out.shape == expected.shape and out.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(out, expected, atol=1e-4 * expected.abs().max().item(), rtol=0)
+
+
+@pytest.mark.parametrize(
+    "index, value, message",
+    [
+        (0, torch.zeros(1, 5, 4, 4, 4), "x must be a 5-D uint8 tensor"),
+        (3, torch.zeros(6, 4, 3, 3, 3, dtype=torch.int8), "weight must be int8"),
+        (4, torch.ones(5), "weight_scale must be fp32"),
+        (5, torch.ones(7), "bias must be None or fp32"),
+        (1, float("nan"), "x_scale must be positive"),
+        (2, 256, "x_zero_point must be in"),
+        (6, [0, 1, 1], "stride must be 3 integers"),
+        (7, [1, 1], "padding must be 3 integers"),
+    ],
+)
+def test_conv3d_int8_mismatched_arguments_are_a_value_error(index, value, message):
+    """An artifact's graph chooses these arguments, and oneDNN trusts them."""
+    args = [torch.zeros(1, 5, 4, 4, 4, dtype=torch.uint8), 0.1, 0, torch.zeros(6, 5, 3, 3, 3, dtype=torch.int8)]
+    args += [torch.ones(6), None, [1, 1, 1], [1, 1, 1], [1, 1, 1]]
+    args[index] = value
+    with pytest.raises(ValueError, match=message):
+        torch.ops.monai_qsa.conv3d_int8(*args)
 
 
 def test_monai_cnn_and_classifier_quantize():

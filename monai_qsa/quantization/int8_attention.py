@@ -8,9 +8,9 @@ from collections.abc import Callable, Iterable
 import torch
 
 from monai_qsa.networks.blocks.local_attention_int8 import symmetric_scale
-from monai_qsa.quantization.calibration import calibrate, calibration_tensors
+from monai_qsa.quantization.calibration import calibrate_swaps
 
-__all__ = ["AttentionRangeObserver", "quantize_attention_int8"]
+__all__ = ["AttentionRangeObserver", "observe_attention", "quantize_attention_int8"]
 
 
 class AttentionRangeObserver(torch.nn.Module):
@@ -55,30 +55,37 @@ def quantize_attention_int8(
     Raises:
         ValueError: no calibration batch, or an attention node that no batch reached (zero range).
     """
+    return calibrate_swaps(program, [observe_attention(program)], calibration_data, num_batches, image_key, inferer)[0]
+
+
+def observe_attention(program: torch.fx.GraphModule) -> Callable[[bool], int] | None:
+    """Insert an :class:`AttentionRangeObserver` before each ``local_attention`` node of ``program`` (None if it has
+    none); after calibration, ``finish(True)`` swaps the nodes for ``local_attention_int8`` with the observed scales,
+    and ``finish(False)`` only removes the observers. ``finish`` returns the number of nodes swapped."""
     nodes = [node for node in program.graph.nodes if node.target is torch.ops.monai_qsa.local_attention.default]
     if not nodes:
-        return 0
+        return None
     observers = [_insert_observer(program, node, index) for index, node in enumerate(nodes)]
-    program.recompile()
-    try:
-        calibrate(program, calibration_tensors(calibration_data, num_batches, image_key), inferer)
-        amaxes = [program.get_submodule(name).amax for name, _ in observers]
+
+    def finish(swap: bool) -> int:
+        try:
+            amaxes = [program.get_submodule(name).amax for name, _ in observers] if swap else []
+            for node, amax in zip(nodes, amaxes):
+                if not bool((amax > 0).all()):
+                    raise ValueError(
+                        f"attention node {node.name}: the calibration data gave it all-zero q/k/v ({amax.tolist()})."
+                    )
+        finally:  # the program is left as it was, or fully converted
+            for name, observed in observers:
+                observed.replace_all_uses_with(observed.args[0])
+                program.graph.erase_node(observed)
+                program.delete_submodule(name)
         for node, amax in zip(nodes, amaxes):
-            if not bool((amax > 0).all()):
-                raise ValueError(
-                    f"attention node {node.name}: the calibration data gave it all-zero q/k/v ({amax.tolist()})."
-                )
-    finally:  # the program is left as it was, or fully converted
-        for name, observed in observers:
-            observed.replace_all_uses_with(observed.args[0])
-            program.graph.erase_node(observed)
-            program.delete_submodule(name)
-        program.recompile()
-    for node, amax in zip(nodes, amaxes):
-        node.target = torch.ops.monai_qsa.local_attention_int8.default
-        node.args = tuple(node.args) + tuple(symmetric_scale(value) for value in amax.tolist())
-    program.recompile()
-    return len(nodes)
+            node.target = torch.ops.monai_qsa.local_attention_int8.default
+            node.args = tuple(node.args) + tuple(symmetric_scale(value) for value in amax.tolist())
+        return len(amaxes)
+
+    return finish
 
 
 def _insert_observer(program: torch.fx.GraphModule, node: torch.fx.Node, index: int) -> tuple[str, torch.fx.Node]:

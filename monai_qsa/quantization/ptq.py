@@ -14,9 +14,10 @@ from collections.abc import Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from monai_qsa.quantization.calibration import calibrate, calibration_tensors, reiterable
+from monai_qsa.quantization.calibration import calibrate, calibrate_swaps, calibration_tensors, reiterable
 from monai_qsa.quantization.graph_prep import match_quantizer_patterns
-from monai_qsa.quantization.int8_attention import quantize_attention_int8
+from monai_qsa.quantization.int8_attention import observe_attention
+from monai_qsa.quantization.int8_conv3d import observe_conv3d
 from monai_qsa.utils.third_party import import_torchao_pt2e
 
 logger = logging.getLogger(__name__)
@@ -164,7 +165,7 @@ def _weight_only_int8_convolutions(graph_module: torch.fx.GraphModule) -> int:
 
 def _quantize_pt2e(
     model: nn.Module, batches: Callable[[], Iterator[torch.Tensor]], example_inputs: tuple, inferer: Callable | None,
-    int8_attention: bool,
+    int8_attention: bool, int8_conv3d: bool,
 ) -> nn.Module:  # fmt: skip
     import_torchao_pt2e()  # first import without torchao's CUDA/Triton/pytree notices
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -181,16 +182,40 @@ def _quantize_pt2e(
         match_quantizer_patterns(graph_module)
         prepared = prepare_pt2e(graph_module, quantizer)
     calibrate(prepared, batches(), inferer)
-    converted = convert_pt2e(prepared)
-    if int8_attention:
-        quantize_attention_int8(converted, batches(), inferer=inferer)
-    if _weight_only_int8_convolutions(converted):
+    with _without_qat_conv_bn_folding():
+        converted = convert_pt2e(prepared)
+    weight_only_3d = _weight_only_int8_convolutions(converted)
+    # one more calibration pass, on the int8 program, for the int8 attention's q/k/v scales and the int8 3D
+    # convolutions' input ranges together
+    finishers = [observe_attention(converted) if int8_attention else None]
+    finishers.append(observe_conv3d(converted) if int8_conv3d else None)
+    weight_only_3d -= calibrate_swaps(converted, finishers, batches(), inferer=inferer)[1]
+    if weight_only_3d:
         logger.warning(
-            "x86_inductor: 3D convolutions are stored in int8 but computed in fp32 (Inductor lowers int8 convolutions "
-            "in 2D only); backend='x86_eager' computes them in int8."
+            f"x86_inductor: {weight_only_3d} 3D convolutions are stored in int8 but computed in fp32 "
+            "(int8_conv3d=True computes them in int8, see docs/quantization.md)."
         )
     _drop_unused_tensors(converted)
     return InferenceGraph(converted, "x86_inductor")
+
+
+@contextlib.contextmanager
+def _without_qat_conv_bn_folding() -> Iterator[None]:
+    """Skip the folding of quantisation-aware-training conv-bn patterns in ``convert_pt2e``: graphs prepared by
+    ``prepare_pt2e`` (post-training) never hold them (``prepare_pt2e`` folds batch norms into the convolutions
+    before them), but whenever any batch norm is left (SAUNet's after attention) torchao exports its ~100 pattern
+    graphs to look for them: about a minute on 2 cores, most of the int8 step's calibration time."""
+    from torchao.quantization.pt2e import quantize_pt2e
+
+    original = getattr(quantize_pt2e, "_fold_conv_bn_qat", None)
+    if original is None:  # another torchao layout: leave it as it is
+        yield
+        return
+    quantize_pt2e._fold_conv_bn_qat = lambda graph_module: graph_module
+    try:
+        yield
+    finally:
+        quantize_pt2e._fold_conv_bn_qat = original
 
 
 def _drop_unused_tensors(graph_module: torch.fx.GraphModule) -> None:
@@ -262,14 +287,16 @@ def quantize_ptq(
     image_key: str = "image",
     inferer: Callable | None = None,
     int8_attention: bool = True,
+    int8_conv3d: bool = False,
 ) -> nn.Module:
     """
     Static post-training int8 quantisation, calibrated on real batches. Convolutions (the SASA query/key/value
     projections included) and linear layers become int8 with per-channel weights. With ``x86_inductor`` and
     ``int8_attention``, the SASA attention core runs int8 too (``torch.ops.monai_qsa.local_attention_int8``: int8
     logits and weighted sum, fp32 softmax, per-layer q/k/v scales from a second calibration pass); otherwise the
-    logits, softmax and weighted sum stay fp32. With ``x86_inductor``, transposed convolutions (which its quantiser
-    leaves fp32) get int8 weights dequantised in the graph. ``model`` itself is left unchanged.
+    logits, softmax and weighted sum stay fp32. With ``x86_inductor``, 3D convolutions (which its quantiser leaves
+    fp32) compute in int8 with ``int8_conv3d=True``, otherwise they and transposed convolutions get int8 weights
+    dequantised in the graph. ``model`` itself is left unchanged.
 
     Args:
         model: trained fp32 network (SAResNet, SAUNet, or a MONAI CNN such as BasicUNet, UNet, resnet18).
@@ -285,6 +312,10 @@ def quantize_ptq(
             calibration sees the patches the network sees in deployment) instead of ``model(batch)``.
         int8_attention: ``x86_inductor`` only: compute the SASA attention core in int8 as well (see above);
             ``x86_eager`` always keeps it fp32.
+        int8_conv3d: ``x86_inductor`` only: compute 3D convolutions in int8 (oneDNN through
+            ``torch.ops.monai_qsa.conv3d_int8``, input ranges from the same calibration pass as the attention's);
+            otherwise (default: measured slower end to end on the 3D SAUNet, see docs/quantization.md) their int8
+            weights are dequantised and they compute in fp32.
 
     Returns:
         the int8 model in eval mode (an :class:`InferenceGraph` for ``x86_inductor``, the rewritten module for
@@ -300,7 +331,7 @@ def quantize_ptq(
     if backend == "x86_inductor":
         data = reiterable(calibration_data, num_batches)
         batches = functools.partial(calibration_tensors, data, num_batches, image_key)  # one pass per calibration
-        return _quantize_pt2e(model, batches, example_inputs, inferer, int8_attention)
+        return _quantize_pt2e(model, batches, example_inputs, inferer, int8_attention, int8_conv3d)
     qmodel = _quantize_eager(model, calibration_tensors(calibration_data, num_batches, image_key), inferer)
     qmodel.monai_qsa_backend = backend
     return qmodel

@@ -1,33 +1,40 @@
 /*
  * Int8 neighbourhood attention of StandAloneSelfAttention for CPUs (2D and 3D).
  *
- * Same row blocking as local_attention.c: per row of BLOCK consecutive positions of one head it computes the logits
- * of all k^d neighbours, their softmax and the weighted sum of the values in cache. Integer where it holds accuracy:
- *   logits   int8 queries x int8 keys, accumulated in int32; relative-position terms fp32, added after scaling
- *   softmax  fp32: p = exp(logit - max) in (0, 1], then quantised to uint8 as round(255 p)
- *   output   uint8 probabilities x int8 values, accumulated in int32, divided by the sum of the uint8 weights (fp32)
+ * Work items are pieces of BLOCK positions of one image row of one head; each is computed 16 positions (LANES) at a
+ * time, everything for those 16 positions in registers or L1: the logits of all k^d neighbours, their softmax and
+ * the weighted sum of the values. Integer where it holds accuracy:
+ *   logits   int8 queries x int8 keys, accumulated in int32; relative-position terms int8 queries x int8 table
+ *            (its own scale), int32, scaled and added in fp32
+ *   softmax  fp32: uint8 weights round(255 exp(logit - max)), exp by a polynomial on 16 lanes
+ *   output   uint8 weights x int8 values, accumulated in int32, divided by the sum of the weights (fp32)
  * Built at run time by monai_qsa/networks/blocks/local_attention_int8.py; one build holds every instruction-set path
- * of the integer dot products, chosen per call:
- *   PATH_AVX512_VNNI  vpdpbusd on 16 positions (zmm)     PATH_AVX_VNNI  vpdpbusd on 8 positions (ymm)
- *   PATH_AVX2         vpmovzx/sx + vpmaddwd: exact int16 products (vpmaddubsw would saturate)
+ * of the integer dot products, chosen per call. The rest of the computation is written once with GCC vector
+ * extensions (16 lanes) and compiled by each path's function for its target:
+ *   PATH_AVX512_VNNI  vpdpbusd on 16 positions (one zmm)   PATH_AVX_VNNI  vpdpbusd on 2 x 8 positions (ymm)
+ *   PATH_AVX2         even/odd bytes as int16 + 2 vpmaddwd: exact (vpmaddubsw would saturate)
  *   PATH_SCALAR       plain C, any CPU
  * The integer sums are exact, so every path gives the same output.
  *
- * Both products are "4 bytes per int32 lane" dot products, u8 x s8 as vpdpbusd wants them:
+ * All dot products are "4 bytes per int32 lane" products, u8 x s8 as vpdpbusd wants them:
  *   q . k    lane = position, its 4 bytes = 4 channels (channels in groups of 4, G = ceil(d / 4), zero-filled);
  *            keys are stored + 128 (uint8), and 128 * sum(q) removes the offset: exact signed products.
+ *   q . rel  the same, with the table's 4 bytes (+ 128) repeated in every lane.
  *   p . v    lane = position, its 4 bytes = 4 neighbours l..l+3 of one neighbour row (kw rounded up to 4 with zero
  *            weights); v4 holds, for every padded position X, the 4 values v[X], v[X + dil], v[X + 2dil], v[X + 3dil].
+ * The queries of 16 positions stay in registers for all their neighbours (d_head 4, 8, 16 and 32 are compiled as
+ * constants); the weighted sums run 4 output channels at a time (4 independent chains, one load of the weights).
  *
- * Layouts (2D images are passed as depth 1 with kd = 1; Dp, Hp, Wp: sizes zero-padded by dilation * (k - 1) / 2):
+ * Layouts (2D images are passed as depth 1 with kd = 1; Dp, Hp, Wp: sizes zero-padded by dilation * (k - 1) / 2).
+ * The buffers are followed by 64 bytes of slack: the last vector step of a row reads up to 15 positions past it.
  *   q8:   (BH, G, D, H, W, 4) int8         round(q * (1 / q_scale)), clamped to [-127, 127]
- *   qf:   (BH, d, D, H, W) float           q8 * q_scale * scale: the queries of the relative-position terms
  *   k8:   (BH, G, Dp, Hp, Wp, 4) uint8     round(k * (1 / k_scale)) + 128, 128 in the padding (masked anyway)
  *   v4:   (BH, d, Dp, Hp, Wp, 4) int8      round(v * (1 / v_scale)) at X + t * dilation, t = 0..3 (0 outside)
- *   rel:  (kd + kh + kw, d) float          relative-position embedding of each offset on depth, height, width
+ *   rel8: (kd + kh + kw, d) int8           relative-position table of each offset on depth, height, width
  *   out:  (BH, d, D, H, W) float
- * The logit of neighbour (i, j, l) is alpha * (q8 . k8_ijl) + qf . rel[i] + qf . rel[kd + j] + qf . rel[kd + kh + l]
- * with alpha = scale * q_scale * k_scale; neighbours outside the image take no part in the softmax.
+ * The logit of neighbour (i, j, l) is alpha * (q8 . k8_ijl) + beta * (q8 . rel8[i] + q8 . rel8[kd + j]
+ * + q8 . rel8[kd + kh + l]) with alpha = scale * q_scale * k_scale, beta = scale * q_scale * table_scale (each
+ * axis term scaled on its own); neighbours outside the image take no part in the softmax.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -40,292 +47,238 @@
 #define X86 0
 #endif
 
-#define BLOCK 64
+#define BLOCK 64 /* positions of one work item: a piece of an image row */
+#define LANES 16 /* positions of one vector step: one zmm, two ymm */
+#define CHANNELS 4 /* output channels of one pass over the weights */
+#define MAX_GROUPS 64 /* channel groups of 4 per head: d_head <= 256 */
 #define OUTSIDE (-1e30f)
 #define KEY_OFFSET 128
 #define LEVELS 255.f /* uint8 probability levels */
 
 enum { PATH_BEST = 0, PATH_SCALAR = 1, PATH_AVX2 = 2, PATH_AVX_VNNI = 3, PATH_AVX512_VNNI = 4 };
 
+/* 16 positions: GCC vector extensions, lowered to one zmm, two ymm or scalar code by each path's target */
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef float f32x16 __attribute__((vector_size(64)));
+
 typedef struct {
     const int8_t *q8, *v4;
-    const uint8_t *k8;
-    const float *qf, *rel;
+    const uint8_t *k8, *table; /* table: (axes, groups, LANES, 4) rel8 + 128, the same 4 bytes in every lane */
     float *out;
-    float alpha, v_scale;
+    float alpha, beta, v_scale;
     int64_t d, groups, D, H, W, padded_H, padded_W, plane, padded_plane;
     int kd, kh, kw, dilation;
-    /* byte offsets of the dot products' pairs: channel groups of keys and queries (groups entries); probability
-     * words and value words of every neighbour row and group of 4 neighbours (kd kh ceil(kw / 4) entries) */
-    const int64_t *key_offsets, *query_offsets, *probability_offsets, *value_offsets;
-    const uint8_t *ones;          /* 4 BLOCK bytes 1: sum(q8) as the dot product ones . q8 */
-    const int64_t *zero_offsets;  /* groups zeros */
 } problem_t;
 
-/* exp(x) for x <= 0: 2^n e^r, |r| <= ln(2) / 2, with a degree-4 Taylor polynomial (relative error < 5e-5, far
- * below the 1 / 510 resolution of the uint8 probabilities); 0 below -87, where float underflows */
-static inline float exp_nonpositive(float x) {
-    const float clamped = x < -87.f ? -87.f : x;
-    const float n = (clamped * 1.44269504088896341f + 12582912.f) - 12582912.f; /* round(x / ln 2) */
-    const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
-    const float p = 1.f + r * (1.f + r * (0.5f + r * (1.f / 6.f + r * (1.f / 24.f))));
-    const int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, sizeof scale);
-    return x < -87.f ? 0.f : p * scale;
+static inline __attribute__((always_inline)) i32x16 load_i32(const void *address) {
+    i32x16 v;
+    memcpy(&v, address, sizeof v);
+    return v;
 }
 
-/* The integer dot product of both stages: acc[x] += sum over pairs i and bytes t of
- * a[a_offsets[i] + 4x + t] * b[b_offsets[i] + 4x + t], x in [x0, n); a unsigned, b signed bytes. */
-static void dot_scalar_from(const uint8_t *a, const int64_t *a_offsets, const int8_t *b, const int64_t *b_offsets,
-                            int pairs, int x0, int n, int32_t *restrict acc) {
-    for (int i = 0; i < pairs; i++) {
-        const uint8_t *restrict ai = a + a_offsets[i];
-        const int8_t *restrict bi = b + b_offsets[i];
-        for (int x = x0; x < n; x++)
-            acc[x] += (int32_t)ai[4 * x] * bi[4 * x] + (int32_t)ai[4 * x + 1] * bi[4 * x + 1]
-                      + (int32_t)ai[4 * x + 2] * bi[4 * x + 2] + (int32_t)ai[4 * x + 3] * bi[4 * x + 3];
-    }
+static inline __attribute__((always_inline)) f32x16 select_f32(i32x16 mask, f32x16 yes, f32x16 no) {
+    return (f32x16)(((i32x16)yes & mask) | ((i32x16)no & ~mask));
 }
 
-static void dot_scalar(const uint8_t *a, const int64_t *a_offsets, const int8_t *b, const int64_t *b_offsets,
-                       int pairs, int n, int32_t *acc) {
-    dot_scalar_from(a, a_offsets, b, b_offsets, pairs, 0, n, acc);
+static inline __attribute__((always_inline)) f32x16 max_f32(f32x16 a, f32x16 b) { return select_f32(a > b, a, b); }
+
+/* round(255 exp(x)) for x <= 0, as integers: 255 2^(x log2 e) = 2^n 2^r 255, |r| <= 1/2, 2^r by a degree-5
+ * polynomial (relative error < 3e-6, far below the 1 / 510 resolution of the weights); x log2 e is clamped at -16,
+ * where 255 2^-16 rounds to 0 */
+static inline __attribute__((always_inline)) u32x16 levels(f32x16 x) {
+    const f32x16 zero = {0}, magic = zero + 12582912.f;
+    f32x16 y = x * 1.44269504088896341f;
+    y = max_f32(y, zero - 16.f);
+    const f32x16 n = (y + magic) - magic; /* round to nearest */
+    const f32x16 r = y - n;
+    const f32x16 p =
+        LEVELS
+        + r * (LEVELS * 0.693147182f
+               + r * (LEVELS * 0.240226507f
+                      + r * (LEVELS * 0.0555041087f + r * (LEVELS * 0.00961812911f + r * (LEVELS * 0.00133335581f)))));
+    const i32x16 bits = (__builtin_convertvector(n, i32x16) + 127) << 23;
+    return __builtin_convertvector(p * (f32x16)bits + 0.5f, u32x16);
+}
+
+static inline __attribute__((always_inline)) i32x16 dp_scalar(i32x16 acc, const uint8_t *a, i32x16 b) {
+    int8_t bytes[4 * LANES];
+    memcpy(bytes, &b, sizeof bytes);
+    for (int x = 0; x < LANES; x++)
+        acc[x] += (int32_t)a[4 * x] * bytes[4 * x] + (int32_t)a[4 * x + 1] * bytes[4 * x + 1]
+                  + (int32_t)a[4 * x + 2] * bytes[4 * x + 2] + (int32_t)a[4 * x + 3] * bytes[4 * x + 3];
+    return acc;
 }
 
 #if X86
-/* 8 positions x..x+7 of one pair, as two vectors of pairwise sums (positions x..x+3 and x+4..x+7) */
-__attribute__((target("avx2"))) static inline void madd_avx2(const uint8_t *a, const int8_t *b, __m256i *low,
-                                                             __m256i *high) {
-    const __m256i av = _mm256_loadu_si256((const __m256i *)a), bv = _mm256_loadu_si256((const __m256i *)b);
-    *low = _mm256_add_epi32(*low, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(av)),
-                                                    _mm256_cvtepi8_epi16(_mm256_castsi256_si128(bv))));
-    *high = _mm256_add_epi32(*high, _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(av, 1)),
-                                                      _mm256_cvtepi8_epi16(_mm256_extracti128_si256(bv, 1))));
+typedef union {
+    i32x16 v;
+    __m256i half[2];
+} halves_t;
+
+/* vpdpbusd without VNNI, exact: even and odd bytes as 16-bit integers (a zero-, b sign-extended), two vpmaddwd */
+__attribute__((target("avx2"))) static inline __m256i dpbusd_avx2(__m256i acc, __m256i a, __m256i b) {
+    const __m256i low_bytes = _mm256_set1_epi16(0xFF);
+    const __m256i a_even = _mm256_and_si256(a, low_bytes), a_odd = _mm256_srli_epi16(a, 8);
+    const __m256i b_even = _mm256_srai_epi16(_mm256_slli_epi16(b, 8), 8), b_odd = _mm256_srai_epi16(b, 8);
+    return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(a_even, b_even), _mm256_madd_epi16(a_odd, b_odd)));
 }
 
-/* acc[x..x+7] += the pairwise sums: 128-bit halves of hadd are [x, x+1, x+4, x+5 | x+2, x+3, x+6, x+7] */
-__attribute__((target("avx2"))) static inline void add_pairs_avx2(int32_t *acc, __m256i low, __m256i high) {
-    const __m256i sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(low, high), _MM_SHUFFLE(3, 1, 2, 0));
-    _mm256_storeu_si256((__m256i *)acc, _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)acc), sums));
+__attribute__((target("avx2"))) static inline i32x16 dp_avx2(i32x16 acc, const uint8_t *a, i32x16 b) {
+    halves_t h = {acc}, hb = {b};
+    for (int i = 0; i < 2; i++)
+        h.half[i] = dpbusd_avx2(h.half[i], _mm256_loadu_si256((const __m256i *)(a + 32 * i)), hb.half[i]);
+    return h.v;
 }
 
-/* exact int16 products (zero- and sign-extended bytes, vpmaddwd), 16 positions per step */
-__attribute__((target("avx2"))) static void dot_avx2(const uint8_t *a, const int64_t *a_offsets, const int8_t *b,
-                                                     const int64_t *b_offsets, int pairs, int n, int32_t *acc) {
-    int x = 0;
-    for (; x + 16 <= n; x += 16) {
-        __m256i low0 = _mm256_setzero_si256(), high0 = low0, low1 = low0, high1 = low0;
-        for (int i = 0; i < pairs; i++) {
-            const uint8_t *ai = a + a_offsets[i] + 4 * x;
-            const int8_t *bi = b + b_offsets[i] + 4 * x;
-            madd_avx2(ai, bi, &low0, &high0);
-            madd_avx2(ai + 32, bi + 32, &low1, &high1);
-        }
-        add_pairs_avx2(acc + x, low0, high0);
-        add_pairs_avx2(acc + x + 8, low1, high1);
-    }
-    dot_scalar_from(a, a_offsets, b, b_offsets, pairs, x, n, acc);
+__attribute__((target("avx2,avxvnni"))) static inline i32x16 dp_avx_vnni(i32x16 acc, const uint8_t *a, i32x16 b) {
+    halves_t h = {acc}, hb = {b};
+    for (int i = 0; i < 2; i++)
+        h.half[i] = _mm256_dpbusd_avx_epi32(h.half[i], _mm256_loadu_si256((const __m256i *)(a + 32 * i)), hb.half[i]);
+    return h.v;
 }
 
-#define LOAD256(p) _mm256_loadu_si256((const __m256i *)(p))
-__attribute__((target("avx2,avxvnni"))) static void dot_avx_vnni(const uint8_t *a, const int64_t *a_offsets,
-                                                                 const int8_t *b, const int64_t *b_offsets, int pairs,
-                                                                 int n, int32_t *acc) {
-    int x = 0;
-    for (; x + 32 <= n; x += 32) { /* four independent accumulators */
-        __m256i s0 = LOAD256(acc + x), s1 = LOAD256(acc + x + 8), s2 = LOAD256(acc + x + 16),
-                s3 = LOAD256(acc + x + 24);
-        for (int i = 0; i < pairs; i++) {
-            const uint8_t *ai = a + a_offsets[i] + 4 * x;
-            const int8_t *bi = b + b_offsets[i] + 4 * x;
-            s0 = _mm256_dpbusd_avx_epi32(s0, LOAD256(ai), LOAD256(bi));
-            s1 = _mm256_dpbusd_avx_epi32(s1, LOAD256(ai + 32), LOAD256(bi + 32));
-            s2 = _mm256_dpbusd_avx_epi32(s2, LOAD256(ai + 64), LOAD256(bi + 64));
-            s3 = _mm256_dpbusd_avx_epi32(s3, LOAD256(ai + 96), LOAD256(bi + 96));
-        }
-        _mm256_storeu_si256((__m256i *)(acc + x), s0);
-        _mm256_storeu_si256((__m256i *)(acc + x + 8), s1);
-        _mm256_storeu_si256((__m256i *)(acc + x + 16), s2);
-        _mm256_storeu_si256((__m256i *)(acc + x + 24), s3);
-    }
-    for (; x + 8 <= n; x += 8) {
-        __m256i sum = LOAD256(acc + x);
-        for (int i = 0; i < pairs; i++)
-            sum = _mm256_dpbusd_avx_epi32(sum, LOAD256(a + a_offsets[i] + 4 * x), LOAD256(b + b_offsets[i] + 4 * x));
-        _mm256_storeu_si256((__m256i *)(acc + x), sum);
-    }
-    dot_scalar_from(a, a_offsets, b, b_offsets, pairs, x, n, acc);
-}
-
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni"))) static void dot_avx512_vnni(
-    const uint8_t *a, const int64_t *a_offsets, const int8_t *b, const int64_t *b_offsets, int pairs, int n,
-    int32_t *acc) {
-    int x = 0;
-    for (; x + 64 <= n; x += 64) { /* four independent accumulators */
-        __m512i s0 = _mm512_loadu_si512(acc + x), s1 = _mm512_loadu_si512(acc + x + 16),
-                s2 = _mm512_loadu_si512(acc + x + 32), s3 = _mm512_loadu_si512(acc + x + 48);
-        for (int i = 0; i < pairs; i++) {
-            const uint8_t *ai = a + a_offsets[i] + 4 * x;
-            const int8_t *bi = b + b_offsets[i] + 4 * x;
-            s0 = _mm512_dpbusd_epi32(s0, _mm512_loadu_si512(ai), _mm512_loadu_si512(bi));
-            s1 = _mm512_dpbusd_epi32(s1, _mm512_loadu_si512(ai + 64), _mm512_loadu_si512(bi + 64));
-            s2 = _mm512_dpbusd_epi32(s2, _mm512_loadu_si512(ai + 128), _mm512_loadu_si512(bi + 128));
-            s3 = _mm512_dpbusd_epi32(s3, _mm512_loadu_si512(ai + 192), _mm512_loadu_si512(bi + 192));
-        }
-        _mm512_storeu_si512(acc + x, s0);
-        _mm512_storeu_si512(acc + x + 16, s1);
-        _mm512_storeu_si512(acc + x + 32, s2);
-        _mm512_storeu_si512(acc + x + 48, s3);
-    }
-    for (; x + 32 <= n; x += 32) { /* two independent accumulators */
-        __m512i s0 = _mm512_loadu_si512(acc + x), s1 = _mm512_loadu_si512(acc + x + 16);
-        for (int i = 0; i < pairs; i++) {
-            const uint8_t *ai = a + a_offsets[i] + 4 * x;
-            const int8_t *bi = b + b_offsets[i] + 4 * x;
-            s0 = _mm512_dpbusd_epi32(s0, _mm512_loadu_si512(ai), _mm512_loadu_si512(bi));
-            s1 = _mm512_dpbusd_epi32(s1, _mm512_loadu_si512(ai + 64), _mm512_loadu_si512(bi + 64));
-        }
-        _mm512_storeu_si512(acc + x, s0);
-        _mm512_storeu_si512(acc + x + 16, s1);
-    }
-    for (; x < n; x += 16) {
-        const __mmask16 lanes = n - x >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - x)) - 1);
-        __m512i sum = _mm512_maskz_loadu_epi32(lanes, acc + x);
-        for (int i = 0; i < pairs; i++)
-            sum = _mm512_dpbusd_epi32(sum, _mm512_maskz_loadu_epi32(lanes, a + a_offsets[i] + 4 * x),
-                                      _mm512_maskz_loadu_epi32(lanes, b + b_offsets[i] + 4 * x));
-        _mm512_mask_storeu_epi32(acc + x, lanes, sum);
-    }
+__attribute__((target("avx512f,avx512vnni"))) static inline i32x16 dp_avx512_vnni(i32x16 acc, const uint8_t *a,
+                                                                                  i32x16 b) {
+    return (i32x16)_mm512_dpbusd_epi32((__m512i)acc, _mm512_loadu_si512(a), (__m512i)b);
 }
 #endif
 
-typedef void (*dot_fn)(const uint8_t *, const int64_t *, const int8_t *, const int64_t *, int, int, int32_t *);
+/* acc + the 16 "4 bytes per lane" dot products of a (unsigned bytes, 64 at a) and b (signed bytes) */
+typedef i32x16 (*dp_fn)(i32x16, const uint8_t *, i32x16);
 
-/* Scratch of one thread: logits (kd kh kw x BLOCK), relative terms (kd + kh + kw x BLOCK), packed uint8
- * probabilities (kd kh ceil(kw / 4) x BLOCK words). */
+/* Scratch of one thread, per vector step: logits (kd kh kw vectors), relative terms (kd + kh + kw vectors),
+ * packed uint8 probabilities (kd kh ceil(kw / 4) vectors of words). */
 typedef struct {
-    float *logits, *axis_logits;
-    uint32_t *probabilities;
+    f32x16 *logits, *axis_logits;
+    u32x16 *probabilities;
 } scratch_t;
 
-/* positions [x0, x0 + n) of image row (bh, z, y); n <= BLOCK */
-static inline __attribute__((always_inline)) void attend_block(const problem_t *p, const scratch_t *s, int64_t bh,
-                                                               int64_t z, int64_t y, int64_t x0, const int n,
-                                                               dot_fn dot) {
-    const int64_t d = p->d, groups = p->groups;
-    const int kd = p->kd, kh = p->kh, kw = p->kw, dilation = p->dilation, axes = kd + kh + kw;
-    const int row_groups = (kw + 3) / 4; /* neighbours of one row in groups of 4 */
+/* 16 positions [x, x + 16) of image row (bh, z, y), of which the first m < 16 or all are stored: logits of all
+ * neighbours, their softmax as uint8 weights, the weighted sums of the values. Reads up to 15 positions past the end
+ * of rows, which the buffers' slack covers. */
+static inline __attribute__((always_inline)) void attend_lanes(const problem_t *p, const scratch_t *s, int64_t bh,
+                                                               int64_t z, int64_t y, int64_t x, int m,
+                                                               const int64_t groups, dp_fn dp) {
+    static const uint8_t ones[4 * LANES] = {[0 ... 4 * LANES - 1] = 1};
+    const int64_t plane = p->plane, padded_plane = p->padded_plane;
+    const int kd = p->kd, kh = p->kh, kw = p->kw, dilation = p->dilation, row_groups = (kw + 3) / 4;
     const int64_t pz = (int64_t)dilation * (kd - 1) / 2, py = (int64_t)dilation * (kh - 1) / 2,
                   px = (int64_t)dilation * (kw - 1) / 2;
-    const int64_t row = (z * p->H + y) * p->W + x0;
-    const float *qf = p->qf + bh * d * p->plane + row;
-    const int8_t *q8 = p->q8 + (bh * groups * p->plane + row) * 4; /* group g at + g * 4 * plane */
-    float *restrict logits = s->logits, *restrict axis_logits = s->axis_logits;
+    const int8_t *q8 = p->q8 + (bh * groups * plane + (z * p->H + y) * p->W + x) * 4; /* group g at + 4 g plane */
+    f32x16 *restrict logits = s->logits, *restrict axis = s->axis_logits;
+    const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, izero = {0};
+    const f32x16 outside = (f32x16){0} + OUTSIDE;
 
-    for (int a = 0; a < axes; a++) { /* qf . rel[a] */
-        float acc[BLOCK];
-        for (int x = 0; x < n; x++) acc[x] = 0.f;
-        for (int64_t c = 0; c < d; c++) {
-            const float e = p->rel[a * d + c];
-            const float *restrict qc = qf + c * p->plane;
-            for (int x = 0; x < n; x++) acc[x] += e * qc[x];
-        }
-        memcpy(axis_logits + a * BLOCK, acc, sizeof(float) * n);
+    i32x16 q[MAX_GROUPS]; /* the queries, in registers when groups is a constant */
+    for (int64_t g = 0; g < groups; g++) q[g] = load_i32(q8 + 4 * g * plane);
+    i32x16 correction = izero; /* -128 sum(q8): removes the offset of keys and table from the dot products */
+    for (int64_t g = 0; g < groups; g++) correction = dp(correction, ones, q[g]);
+    correction *= -KEY_OFFSET;
+    for (int a = 0; a < kd + kh + kw; a++) { /* relative terms beta (q8 . rel8[a]) */
+        i32x16 acc = correction;
+        for (int64_t g = 0; g < groups; g++) acc = dp(acc, p->table + (a * groups + g) * 4 * LANES, q[g]);
+        axis[a] = p->beta * __builtin_convertvector(acc, f32x16);
     }
-    int32_t correction[BLOCK]; /* -128 sum(q8): removes the key offset from the dot products */
-    for (int x = 0; x < n; x++) correction[x] = 0;
-    dot(p->ones, p->zero_offsets, q8, p->query_offsets, (int)groups, n, correction);
-    for (int x = 0; x < n; x++) correction[x] *= -KEY_OFFSET;
+    /* whether every neighbour column of these 16 positions lies in the image (no masking needed) */
+    const int interior = x - px >= 0 && x + LANES - 1 + (int64_t)(kw - 1) * dilation - px < p->W;
 
-    /* logits (B, k^d): q8 . k8 in int32, scaled, plus the relative terms */
-    float max[BLOCK];
-    for (int x = 0; x < n; x++) max[x] = OUTSIDE;
-    int o = 0;
-    for (int i = 0; i < kd; i++)
-        for (int j = 0; j < kh; j++) {
-            float row_logits[BLOCK]; /* relative terms of depth offset i and height offset j */
-            for (int x = 0; x < n; x++) row_logits[x] = axis_logits[i * BLOCK + x] + axis_logits[(kd + j) * BLOCK + x];
-            for (int l = 0; l < kw; l++, o++) {
-                float *restrict logit = logits + o * BLOCK;
-                const int64_t zz = z + i * dilation - pz, yy = y + j * dilation - py, dx = (int64_t)l * dilation - px;
-                if (zz < 0 || zz >= p->D || yy < 0 || yy >= p->H) {
-                    for (int x = 0; x < n; x++) logit[x] = OUTSIDE;
-                    continue;
+    /* logits alpha (q8 . k8) + relative terms, outside the image OUTSIDE; their maximum */
+    f32x16 max = outside;
+    for (int i = 0, o = 0; i < kd; i++)
+        for (int j = 0; j < kh; j++, o += kw) {
+            const int64_t zz = z + i * dilation - pz, yy = y + j * dilation - py;
+            if (zz < 0 || zz >= p->D || yy < 0 || yy >= p->H) {
+                for (int l = 0; l < kw; l++) logits[o + l] = outside;
+                continue;
+            }
+            const f32x16 row_terms = axis[i] + axis[kd + j];
+            const int64_t key_row = ((zz + pz) * p->padded_H + yy + py) * p->padded_W + x;
+            const uint8_t *k8 = p->k8 + (bh * groups * padded_plane + key_row) * 4;
+            for (int l = 0; l < kw; l++) {
+                i32x16 acc = correction;
+                for (int64_t g = 0; g < groups; g++)
+                    acc = dp(acc, k8 + 4 * (g * padded_plane + (int64_t)l * dilation), q[g]);
+                f32x16 logit = p->alpha * __builtin_convertvector(acc, f32x16) + (row_terms + axis[kd + kh + l]);
+                if (!interior) {
+                    const i32x16 column = lane + (int32_t)(x + (int64_t)l * dilation - px); /* the neighbour's x */
+                    logit = select_f32((column >= 0) & (column < (int32_t)p->W), logit, outside);
                 }
-                const uint8_t *k8 = p->k8 + (bh * groups * p->padded_plane
-                                             + ((zz + pz) * p->padded_H + yy + py) * p->padded_W + x0 + l * dilation)
-                                                * 4;
-                int32_t dots[BLOCK];
-                memcpy(dots, correction, sizeof(int32_t) * n);
-                dot(k8, p->key_offsets, q8, p->query_offsets, (int)groups, n, dots);
-                const float *restrict rx = axis_logits + (kd + kh + l) * BLOCK;
-                float acc[BLOCK];
-                for (int x = 0; x < n; x++) acc[x] = p->alpha * (float)dots[x] + (row_logits[x] + rx[x]);
-                /* positions whose neighbour lies left / right of the image: [0, lo) and [hi, n) */
-                const int lo = (int)(-dx - x0 > 0 ? (-dx - x0 < n ? -dx - x0 : n) : 0);
-                const int hi = (int)(p->W - dx - x0 < n ? (p->W - dx - x0 > 0 ? p->W - dx - x0 : 0) : n);
-                for (int x = 0; x < lo; x++) acc[x] = OUTSIDE;
-                for (int x = hi; x < n; x++) acc[x] = OUTSIDE;
-                for (int x = 0; x < n; x++) {
-                    logit[x] = acc[x];
-                    max[x] = acc[x] > max[x] ? acc[x] : max[x];
-                }
+                logits[o + l] = logit;
+                max = max_f32(max, logit);
             }
         }
 
-    /* probabilities (kd kh, row_groups, B) words of 4 uint8: round(255 exp(logit - max)), 0 past the row's end */
-    int32_t weight_sum[BLOCK];
-    for (int x = 0; x < n; x++) weight_sum[x] = 0;
+    /* uint8 weights round(255 exp(logit - max)), 4 neighbours of a row per word (0 past the row's end) */
+    i32x16 weight_sum = izero;
     for (int r = 0; r < kd * kh; r++)
         for (int g = 0; g < row_groups; g++) {
-            uint32_t *restrict word = s->probabilities + (r * row_groups + g) * BLOCK;
-            for (int x = 0; x < n; x++) word[x] = 0;
+            u32x16 word = (u32x16)izero;
             for (int t = 0; t < 4 && 4 * g + t < kw; t++) {
-                const float *restrict logit = logits + (r * kw + 4 * g + t) * BLOCK;
-                for (int x = 0; x < n; x++) {
-                    const uint32_t level = (uint32_t)(exp_nonpositive(logit[x] - max[x]) * LEVELS + 0.5f);
-                    word[x] |= level << (8 * t);
-                    weight_sum[x] += (int32_t)level;
-                }
+                const u32x16 level = levels(logits[r * kw + 4 * g + t] - max);
+                word |= level << (8 * t);
+                weight_sum += (i32x16)level;
             }
+            s->probabilities[r * row_groups + g] = word;
         }
-    float normaliser[BLOCK]; /* v_scale / sum of the weights; the largest weight is 255, so the sum is >= 255 */
-    for (int x = 0; x < n; x++) normaliser[x] = p->v_scale / (float)weight_sum[x];
+    /* v_scale / sum of the weights; the largest weight is 255, so the sum is >= 255 */
+    const f32x16 normaliser = p->v_scale / __builtin_convertvector(weight_sum, f32x16);
 
-    /* out (d, B) = sum over neighbours of uint8 weights x int8 values, in int32 */
-    float *out = p->out + bh * d * p->plane + row;
-    const int pairs = kd * kh * row_groups;
-    for (int64_t c = 0; c < d; c++) {
-        int32_t acc[BLOCK];
-        for (int x = 0; x < n; x++) acc[x] = 0;
-        /* value words of channel c at padded row (z, y): neighbour rows outside the image have weight 0 */
-        const int8_t *v4 = p->v4 + ((bh * d + c) * p->padded_plane + (z * p->padded_H + y) * p->padded_W + x0) * 4;
-        dot((const uint8_t *)s->probabilities, p->probability_offsets, v4, p->value_offsets, pairs, n, acc);
-        float *restrict oc = out + c * p->plane;
-        for (int x = 0; x < n; x++) oc[x] = (float)acc[x] * normaliser[x];
+    /* out (d, 16) = sum over neighbours of uint8 weights x int8 values, in int32; CHANNELS channels at a time: as
+     * many independent chains of dot products, one load of the weights for all */
+    float *out = p->out + bh * p->d * plane + (z * p->H + y) * p->W + x;
+    for (int64_t c0 = 0; c0 < p->d; c0 += CHANNELS) {
+        const int count = p->d - c0 < CHANNELS ? (int)(p->d - c0) : CHANNELS;
+        /* value words of channel c0 at padded row (z, y): neighbour rows outside the image have weight 0 */
+        const int8_t *v4 = p->v4 + ((bh * p->d + c0) * padded_plane + (z * p->padded_H + y) * p->padded_W + x) * 4;
+        i32x16 acc[CHANNELS] = {izero};
+        for (int i = 0, pair = 0; i < kd; i++)
+            for (int j = 0; j < kh; j++)
+                for (int g = 0; g < row_groups; g++, pair++) {
+                    const int8_t *values = v4 + 4 * (((int64_t)i * p->padded_H + j) * p->padded_W + 4 * g) * dilation;
+                    const uint8_t *weights = (const uint8_t *)&s->probabilities[pair];
+                    if (count == CHANNELS)
+                        for (int c = 0; c < CHANNELS; c++)
+                            acc[c] = dp(acc[c], weights, load_i32(values + 4 * c * padded_plane));
+                    else
+                        for (int c = 0; c < count; c++)
+                            acc[c] = dp(acc[c], weights, load_i32(values + 4 * c * padded_plane));
+                }
+        for (int c = 0; c < count; c++) {
+            const f32x16 result = __builtin_convertvector(acc[c], f32x16) * normaliser;
+            if (m == LANES)
+                memcpy(out + (c0 + c) * plane, &result, sizeof result);
+            else
+                for (int t = 0; t < m; t++) out[(c0 + c) * plane + t] = result[t];
+        }
     }
 }
 
 typedef void (*block_fn)(const problem_t *, const scratch_t *, int64_t, int64_t, int64_t, int64_t, int);
 
-/* one function per path, each compiling the block (softmax included) for its instruction set */
-#define BLOCK_FUNCTION(NAME, TARGET, DOT)                                                                             \
+/* one function per path, each compiling the whole computation for its instruction set: positions [x0, x0 + n) */
+#define BLOCK_FUNCTION(NAME, TARGET, DP)                                                                              \
     TARGET static void attend_##NAME(const problem_t *p, const scratch_t *s, int64_t bh, int64_t z, int64_t y,        \
                                      int64_t x0, int n) {                                                             \
-        if (n == BLOCK) /* full blocks: loops of a constant trip count */                                             \
-            attend_block(p, s, bh, z, y, x0, BLOCK, DOT);                                                             \
-        else                                                                                                          \
-            attend_block(p, s, bh, z, y, x0, n, DOT);                                                                 \
+        for (int x = 0; x < n; x += LANES) {                                                                          \
+            const int m = n - x < LANES ? n - x : LANES;                                                              \
+            switch (p->groups) { /* d_head 4, 8, 16, 32 (the bundles' networks): the queries stay in registers */    \
+            case 1: attend_lanes(p, s, bh, z, y, x0 + x, m, 1, DP); break;                                            \
+            case 2: attend_lanes(p, s, bh, z, y, x0 + x, m, 2, DP); break;                                            \
+            case 4: attend_lanes(p, s, bh, z, y, x0 + x, m, 4, DP); break;                                            \
+            case 8: attend_lanes(p, s, bh, z, y, x0 + x, m, 8, DP); break;                                            \
+            default: attend_lanes(p, s, bh, z, y, x0 + x, m, p->groups, DP);                                          \
+            }                                                                                                         \
+        }                                                                                                             \
     }
 
-BLOCK_FUNCTION(scalar, , dot_scalar)
+BLOCK_FUNCTION(scalar, , dp_scalar)
 #if X86
-BLOCK_FUNCTION(avx2, __attribute__((target("avx2,fma"))), dot_avx2)
-BLOCK_FUNCTION(avx_vnni, __attribute__((target("avx2,fma,avxvnni"))), dot_avx_vnni)
+BLOCK_FUNCTION(avx2, __attribute__((target("avx2,fma"))), dp_avx2)
+BLOCK_FUNCTION(avx_vnni, __attribute__((target("avx2,fma,avxvnni"))), dp_avx_vnni)
 BLOCK_FUNCTION(avx512_vnni,
                __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,prefer-vector-width=512"))),
-               dot_avx512_vnni)
+               dp_avx512_vnni)
 #endif
 
 /* Whether this CPU (and OS) runs `path`. */
@@ -366,55 +319,36 @@ static block_fn block_function(int path) {
 
 /* Returns 0 on success, 1 if scratch memory could not be allocated, 2 if this CPU does not run `path`
  * (PATH_BEST: the fastest it runs). */
-int monai_qsa_local_attention_int8(const int8_t *q8, const float *qf, const uint8_t *k8, const int8_t *v4,
-                                   const float *rel, float *out, float alpha, float v_scale, int64_t bh_count,
-                                   int64_t d, int64_t D, int64_t H, int64_t W, int kd, int kh, int kw, int dilation,
-                                   int path, int num_threads) {
+int monai_qsa_local_attention_int8(const int8_t *q8, const uint8_t *k8, const int8_t *v4, const int8_t *rel8,
+                                   float *out, float alpha, float beta, float v_scale, int64_t bh_count, int64_t d,
+                                   int64_t D, int64_t H, int64_t W, int kd, int kh, int kw, int dilation, int path,
+                                   int num_threads) {
     if (path == PATH_BEST) path = monai_qsa_int8_best_path();
     if (!monai_qsa_int8_path_supported(path)) return 2;
     const block_fn attend = block_function(path);
-    const int64_t groups = (d + 3) / 4, row_groups = (kw + 3) / 4, pairs = (int64_t)kd * kh * row_groups;
-    problem_t p = {q8, v4, k8, qf, rel, out, alpha, v_scale, d, groups, D, H, W, 0, 0, 0, 0, kd, kh, kw, dilation,
-                   NULL, NULL, NULL, NULL, NULL, NULL};
+    const int64_t groups = (d + 3) / 4, axes = kd + kh + kw;
+    problem_t p = {q8, v4, k8, NULL, out, alpha, beta, v_scale, d, groups, D, H, W, 0, 0, 0, 0, kd, kh, kw, dilation};
     p.padded_H = H + (int64_t)dilation * (kh - 1);
     p.padded_W = W + (int64_t)dilation * (kw - 1);
     p.plane = D * H * W;
     p.padded_plane = (D + (int64_t)dilation * (kd - 1)) * p.padded_H * p.padded_W;
-    int64_t *offsets = (int64_t *)calloc((size_t)(3 * groups + 2 * pairs), sizeof(int64_t));
-    uint8_t *ones = (uint8_t *)malloc(4 * BLOCK);
-    if (offsets == NULL || ones == NULL) {
-        free(offsets);
-        free(ones);
-        return 1;
-    }
-    memset(ones, 1, 4 * BLOCK);
-    int64_t *key_offsets = offsets, *query_offsets = offsets + groups, *probability_offsets = offsets + 2 * groups,
-            *value_offsets = probability_offsets + pairs;
-    for (int64_t g = 0; g < groups; g++) {
-        key_offsets[g] = 4 * g * p.padded_plane;
-        query_offsets[g] = 4 * g * p.plane;
-    }
-    for (int64_t i = 0, pair = 0; i < kd; i++)
-        for (int64_t j = 0; j < kh; j++)
-            for (int64_t g = 0; g < row_groups; g++, pair++) {
-                probability_offsets[pair] = 4 * BLOCK * pair;
-                value_offsets[pair] = 4 * (((i * p.padded_H + j) * p.padded_W + 4 * g) * dilation);
-            }
-    p.key_offsets = key_offsets;
-    p.query_offsets = query_offsets;
-    p.probability_offsets = probability_offsets;
-    p.value_offsets = value_offsets;
-    p.zero_offsets = value_offsets + pairs; /* calloc: zeros */
-    p.ones = ones;
+    uint8_t *table = (uint8_t *)malloc((size_t)(axes * groups * 4 * LANES));
+    if (table == NULL) return 1;
+    for (int64_t a = 0; a < axes; a++) /* channels past d: 128 (their queries are 0) */
+        for (int64_t g = 0; g < groups; g++)
+            for (int x = 0; x < LANES; x++)
+                for (int t = 0; t < 4; t++)
+                    table[((a * groups + g) * LANES + x) * 4 + t] =
+                        (uint8_t)((4 * g + t < d ? rel8[a * d + 4 * g + t] : 0) + KEY_OFFSET);
+    p.table = table;
     const int64_t blocks_per_row = (W + BLOCK - 1) / BLOCK, items = bh_count * D * H * blocks_per_row;
-    const int64_t neighbours = (int64_t)kd * kh * kw;
+    const int64_t neighbours = (int64_t)kd * kh * kw, pairs = (int64_t)kd * kh * ((kw + 3) / 4);
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
-        float *floats = (float *)malloc(sizeof(float) * BLOCK * (neighbours + kd + kh + kw));
-        uint32_t *probabilities = (uint32_t *)malloc(sizeof(uint32_t) * BLOCK * pairs);
-        const scratch_t s = {floats, floats + BLOCK * neighbours, probabilities};
-        if (floats == NULL || probabilities == NULL) failed = 1;
+        f32x16 *vectors = (f32x16 *)aligned_alloc(sizeof(f32x16), sizeof(f32x16) * (neighbours + axes + pairs));
+        const scratch_t s = {vectors, vectors + neighbours, (u32x16 *)(vectors + neighbours + axes)};
+        if (vectors == NULL) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; item++) {
             if (failed) continue;
@@ -422,11 +356,9 @@ int monai_qsa_local_attention_int8(const int8_t *q8, const float *qf, const uint
             const int64_t y = row % H, z = (row / H) % D, bh = row / (H * D);
             attend(&p, &s, bh, z, y, x0, (int)(W - x0 < BLOCK ? W - x0 : BLOCK));
         }
-        free(floats);
-        free(probabilities);
+        free(vectors);
     }
-    free(offsets);
-    free(ones);
+    free(table);
     return failed;
 }
 
@@ -437,68 +369,122 @@ static inline float quantize(float x, float inverse_scale) {
     return (r + 12582912.f) - 12582912.f;
 }
 
+/* Quantise image row `row` of the projection (part stride s_part, channel stride s_channel, position stride s_x)
+ * into bytes (3 parts, channels, row_length), position x at px + x: channel-major rows whatever the layout. Channel-
+ * first projections are read channel by channel (vectorised, the next image row prefetched), others position by
+ * position (channels-last: each position's channels are contiguous). */
+static void quantize_row(const float *row, int64_t next_row, int64_t s_part, int64_t s_channel, int64_t s_x,
+                         int64_t channels, int64_t W, int64_t px, int64_t row_length, const float inverse[3],
+                         uint8_t *bytes) {
+    if (s_x == 1) {
+        for (int64_t part = 0; part < 3; part++)
+            for (int64_t c = 0; c < channels; c++) {
+                const float *restrict source = row + part * s_part + c * s_channel;
+                uint8_t *restrict target = bytes + (part * channels + c) * row_length + px;
+                if (next_row != 0)
+                    for (int64_t x = 0; x < W; x += 16) __builtin_prefetch(source + next_row + x);
+                for (int64_t x = 0; x < W; x++) target[x] = (uint8_t)(int32_t)quantize(source[x], inverse[part]);
+            }
+        return;
+    }
+    if (s_channel == 1 && s_part == channels && s_x == 3 * channels) { /* channels-last: the row is contiguous */
+        uint8_t *restrict staged = bytes + (3 * channels + 1) * row_length; /* (W, 3 channels), position-major */
+        for (int64_t x = 0; x < W; x++) {
+            const float *restrict source = row + x * s_x;
+            if (next_row != 0)
+                for (int64_t c = 0; c < 3 * channels; c += 16) __builtin_prefetch(source + next_row + c);
+            for (int64_t part = 0; part < 3; part++)
+                for (int64_t c = 0; c < channels; c++)
+                    staged[(x * 3 + part) * channels + c] =
+                        (uint8_t)(int32_t)quantize(source[part * channels + c], inverse[part]);
+        }
+        for (int64_t c = 0; c < 3 * channels; c++) { /* transpose to channel-major rows */
+            uint8_t *restrict target = bytes + c * row_length + px;
+            for (int64_t x = 0; x < W; x++) target[x] = staged[x * 3 * channels + c];
+        }
+        return;
+    }
+    for (int64_t x = 0; x < W; x++)
+        for (int64_t part = 0; part < 3; part++) {
+            const float *restrict source = row + x * s_x + part * s_part;
+            uint8_t *restrict target = bytes + part * channels * row_length + px + x;
+            for (int64_t c = 0; c < channels; c++)
+                target[c * row_length] = (uint8_t)(int32_t)quantize(source[c * s_channel], inverse[part]);
+        }
+}
+
 /* Split the (B, 3, heads, d, D, H, W) fp32 projection, of any strides (int8 convolutions leave it channels-last),
- * into the kernel's layouts (see the top of this file): q8 and qf from the queries, keys into the interior of k8
- * (filled with 128), values into v4 (zero-filled). One pass, parallel over image rows; the rows of 4-byte words are
- * written one byte plane at a time, so that the loops over positions vectorise. Returns 1 if scratch memory could
- * not be allocated, else 0. */
+ * into the kernel's layouts (see the top of this file): q8 from the queries, keys into k8 (128 in the padding), values
+ * into v4 (0 in the padding). One pass over the padded rows, parallel, writing every byte of the three buffers (they
+ * need no filling beforehand): each image row is quantised into channel-major byte rows (quantize_row), then packed
+ * into 4-byte words by loops over positions that vectorise. Returns 1 if scratch memory could not be allocated,
+ * else 0. */
 int monai_qsa_int8_split_quantize(const float *qkv, const int64_t *strides, int64_t batch, int64_t heads, int64_t d,
                                   int64_t D, int64_t H, int64_t W, int64_t pz, int64_t py, int64_t px,
-                                  int64_t dilation, float q_scale, float k_scale, float v_scale, float scale,
-                                  int8_t *q8, float *qf, uint8_t *k8, int8_t *v4, int num_threads) {
+                                  int64_t dilation, float q_scale, float k_scale, float v_scale, int8_t *q8,
+                                  uint8_t *k8, int8_t *v4, int num_threads) {
     /* strides: batch, part (q/k/v), channel within the part (heads * d), depth, height, width */
     const int64_t s_batch = strides[0], s_part = strides[1], s_channel = strides[2], s_z = strides[3],
                   s_y = strides[4], s_x = strides[5];
-    const int64_t groups = (d + 3) / 4, padded_H = H + 2 * py, padded_W = W + 2 * px;
-    const int64_t padded_plane = (D + 2 * pz) * padded_H * padded_W, plane = D * H * W, rows = batch * D * H;
-    const float q_inverse = 1.f / q_scale, k_inverse = 1.f / k_scale, v_inverse = 1.f / v_scale;
+    const int64_t groups = (d + 3) / 4, padded_D = D + 2 * pz, padded_H = H + 2 * py, padded_W = W + 2 * px;
+    const int64_t padded_plane = padded_D * padded_H * padded_W, plane = D * H * W, rows = batch * padded_D * padded_H;
+    const int64_t channels = heads * d, row_length = padded_W + 3 * dilation;
+    const float inverse[3] = {1.f / q_scale, 1.f / k_scale, 1.f / v_scale};
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
-        /* one padded row of quantised values, zero past both ends (3 * dilation more on the right for v4) */
-        uint8_t *values = (uint8_t *)calloc((size_t)(padded_W + 3 * dilation), 1);
-        if (values == NULL) failed = 1;
+        /* the quantised row: (3 parts, channels, row_length) bytes, then one zero row (channels past d); zero
+         * outside [px, px + W), which the values' words read (3 * dilation more on the right); then the staging
+         * area of channels-last rows */
+        uint8_t *bytes = (uint8_t *)calloc((size_t)((3 * channels + 1) * row_length + 3 * channels * W), 1);
+        if (bytes == NULL) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
             if (failed) continue;
-            const int64_t y = r % H, z = (r / H) % D, b = r / (H * D);
-            const int64_t q_row = (z * H + y) * W, pad_row = ((z + pz) * padded_H + y + py) * padded_W;
-            const float *row = qkv + b * s_batch + z * s_z + y * s_y;
+            const int64_t yp = r % padded_H, zp = (r / padded_H) % padded_D, b = r / (padded_H * padded_D);
+            const int64_t pad_row = (zp * padded_H + yp) * padded_W, y = yp - py, z = zp - pz;
+            if (z < 0 || z >= D || y < 0 || y >= H) { /* a padding row: keys 128, values 0 */
+                for (int64_t bh = b * heads; bh < (b + 1) * heads; bh++)
+                    for (int64_t g = 0; g < groups; g++)
+                        memset(k8 + ((bh * groups + g) * padded_plane + pad_row) * 4, KEY_OFFSET, 4 * padded_W);
+                for (int64_t channel = b * channels; channel < (b + 1) * channels; channel++)
+                    memset(v4 + (channel * padded_plane + pad_row) * 4, 0, 4 * padded_W);
+                continue;
+            }
+            const int64_t next_row = y + 1 < H ? s_y : (z + 1 < D ? s_z - (H - 1) * s_y : 0);
+            quantize_row(qkv + b * s_batch + z * s_z + y * s_y, next_row, s_part, s_channel, s_x, channels, W, px,
+                         row_length, inverse, bytes);
+            const uint8_t *zero = bytes + 3 * channels * row_length + px;
             for (int64_t h = 0; h < heads; h++)
                 for (int64_t g = 0; g < groups; g++) {
-                    const int64_t bh = b * heads + h, in_group = d - 4 * g < 4 ? d - 4 * g : 4;
-                    uint32_t *restrict q_words = (uint32_t *)(q8 + ((bh * groups + g) * plane + q_row) * 4);
-                    uint32_t *restrict k_words =
-                        (uint32_t *)(k8 + ((bh * groups + g) * padded_plane + pad_row + px) * 4);
-                    const uint32_t absent = 0x80808080u << (8 * in_group); /* channels past d: keys 128 */
-                    for (int64_t x = 0; x < W; x++) {
-                        q_words[x] = 0;
-                        k_words[x] = in_group == 4 ? 0 : absent;
+                    const int64_t bh = b * heads + h, first = h * d + 4 * g, in_group = d - 4 * g < 4 ? d - 4 * g : 4;
+                    const uint8_t *restrict q[4], *restrict k[4];
+                    for (int64_t t = 0; t < 4; t++) {
+                        q[t] = t < in_group ? bytes + (first + t) * row_length + px : zero;
+                        k[t] = t < in_group ? bytes + (channels + first + t) * row_length + px : zero;
                     }
-                    for (int64_t t = 0; t < in_group; t++) {
-                        const int64_t c = 4 * g + t;
-                        const float *restrict q = row + (h * d + c) * s_channel, *restrict k = q + s_part;
-                        float *restrict qf_row = qf + (bh * d + c) * plane + q_row;
-                        for (int64_t x = 0; x < W; x++) {
-                            const float qi = quantize(q[x * s_x], q_inverse);
-                            q_words[x] |= ((uint32_t)(int32_t)qi & 0xFFu) << (8 * t);
-                            qf_row[x] = (qi * q_scale) * scale;
-                        }
-                        for (int64_t x = 0; x < W; x++)
-                            k_words[x] |= (uint32_t)((int32_t)quantize(k[x * s_x], k_inverse) + KEY_OFFSET) << (8 * t);
-                    }
+                    uint32_t *restrict q_words = (uint32_t *)(q8 + ((bh * groups + g) * plane + (z * H + y) * W) * 4);
+                    uint8_t *k_row = k8 + ((bh * groups + g) * padded_plane + pad_row) * 4;
+                    uint32_t *restrict k_words = (uint32_t *)k_row + px;
+                    for (int64_t x = 0; x < W; x++)
+                        q_words[x] =
+                            q[0][x] | (uint32_t)q[1][x] << 8 | (uint32_t)q[2][x] << 16 | (uint32_t)q[3][x] << 24;
+                    /* k + 128 as a byte is the int8 byte with its top bit flipped; absent channels: 0 -> 128 */
+                    for (int64_t x = 0; x < W; x++)
+                        k_words[x] = (k[0][x] | (uint32_t)k[1][x] << 8 | (uint32_t)k[2][x] << 16
+                                      | (uint32_t)k[3][x] << 24) ^ 0x80808080u;
+                    memset(k_row, KEY_OFFSET, 4 * px);
+                    memset(k_row + 4 * (px + W), KEY_OFFSET, 4 * px);
                 }
-            for (int64_t channel = 0; channel < heads * d; channel++) {
-                const float *restrict v = row + channel * s_channel + 2 * s_part;
-                for (int64_t x = 0; x < W; x++) values[px + x] = (uint8_t)(int32_t)quantize(v[x * s_x], v_inverse);
-                uint32_t *restrict v_words =
-                    (uint32_t *)(v4 + ((b * heads * d + channel) * padded_plane + pad_row) * 4);
+            for (int64_t channel = 0; channel < channels; channel++) {
+                const uint8_t *restrict values = bytes + (2 * channels + channel) * row_length;
+                uint32_t *restrict v_words = (uint32_t *)(v4 + ((b * channels + channel) * padded_plane + pad_row) * 4);
                 for (int64_t x = 0; x < padded_W; x++)
                     v_words[x] = values[x] | (uint32_t)values[x + dilation] << 8
                                  | (uint32_t)values[x + 2 * dilation] << 16 | (uint32_t)values[x + 3 * dilation] << 24;
             }
         }
-        free(values);
+        free(bytes);
     }
     return failed;
 }

@@ -57,6 +57,10 @@ _SOURCE = Path(__file__).with_name("local_attention_int8.c")
 INT8_ATTENTION_PATHS = {"auto": 0, "scalar": 1, "avx2": 2, "avx_vnni": 3, "avx512_vnni": 4, "torch": None}
 PATH_VARIABLE = "MONAI_QSA_INT8_ATTENTION_PATH"
 _KERNEL_NAME = "monai_qsa int8 local attention kernel"
+#: bytes readable past the end of the kernel's byte buffers: 16 positions of 4 bytes
+_SLACK = 64
+#: the C kernel keeps the queries of up to this many channels per head in registers (MAX_GROUPS 64 of 4 channels)
+_MAX_HEAD_CHANNELS = 256
 #: largest magnitude of a quantised value: symmetric int8, -128 unused so that negation is exact
 INT8_MAX = 127
 
@@ -83,8 +87,9 @@ def local_attention_int8_reference(
 ) -> torch.Tensor:  # fmt: skip
     """The int8 attention in PyTorch operations, the same function as the C kernel.
 
-    Queries, keys and values are quantised to int8 (:func:`quantize_symmetric`); the logits are the fp32 logits of
-    the dequantised queries and keys (exact: their integer products and sums are exact in fp32); the weights are
+    Queries, keys, values and the relative-position table (its own scale, :func:`_table_scale`) are quantised to
+    int8 (:func:`quantize_symmetric`); the logits are the fp32 logits of the dequantised queries, keys and table
+    (exact: their integer products and sums are exact in fp32); the weights are
     ``round(255 * exp(logit - max))`` (uint8, 0 outside the image) and the output is the weighted sum of the int8
     values divided by the sum of the weights, times ``v_scale``.
 
@@ -105,6 +110,8 @@ def local_attention_int8_reference(
     q = quantize_symmetric(q, q_scale).to(qkv.dtype) * q_scale
     k = quantize_symmetric(k, k_scale).to(qkv.dtype) * k_scale
     v = quantize_symmetric(v, v_scale).to(qkv.dtype)
+    table_scale = _table_scale(table)
+    table = quantize_symmetric(table, table_scale).to(qkv.dtype) * table_scale
     attention = local_attention_reference(torch.stack((q, k, v), 1), table, kernel_size, dilation, scale)[1]
     # softmax / its max = exp(logit - max); (B, heads, k^d, *S)
     weights = torch.floor(attention / attention.amax(2, keepdim=True) * 255 + 0.5)
@@ -118,6 +125,12 @@ def local_attention_int8_reference(
     return out * (v_scale / weights.sum(2, keepdim=True))
 
 
+def _table_scale(table: torch.Tensor) -> float:
+    """The int8 scale of the relative-position table, from its own largest magnitude (1 for an all-zero table)."""
+    amax = float(table.detach().abs().max()) if table.numel() else 0.0
+    return symmetric_scale(amax) if amax > 0 else 1.0
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The compiled kernel with its argument types, built on first use; None (one warning) if unavailable."""
@@ -127,12 +140,12 @@ def _library() -> ctypes.CDLL | None:
     library.monai_qsa_int8_path_supported.argtypes = [ctypes.c_int]
     library.monai_qsa_int8_path_supported.restype = ctypes.c_int
     attend = library.monai_qsa_local_attention_int8
-    attend.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_float] * 2 + [ctypes.c_int64] * 5 + [ctypes.c_int] * 6
+    attend.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_float] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_int] * 6
     attend.restype = ctypes.c_int
     split = library.monai_qsa_int8_split_quantize
     split.argtypes = (
-        [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)] + [ctypes.c_int64] * 10 + [ctypes.c_float] * 4
-        + [ctypes.c_void_p] * 4 + [ctypes.c_int]
+        [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)] + [ctypes.c_int64] * 10 + [ctypes.c_float] * 3
+        + [ctypes.c_void_p] * 3 + [ctypes.c_int]
     )  # fmt: skip
     split.restype = ctypes.c_int
     return library
@@ -161,6 +174,13 @@ def _requested_path() -> str:
     return path
 
 
+def _with_slack(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialised byte tensor of ``shape`` followed by ``_SLACK`` bytes that the kernel's 16-position vector
+    steps may read (never use) past the end of the last row."""
+    numel = torch.Size(shape).numel()
+    return torch.empty(numel + _SLACK, dtype=dtype)[:numel].view(shape)
+
+
 def _run_kernel(library: ctypes.CDLL, path: int, qkv: torch.Tensor, table: torch.Tensor, kernel_size: int,
                 dilation: int, scale: float, scales: tuple[float, float, float]) -> torch.Tensor:  # fmt: skip
     """Quantise and lay out the projection (one C pass), then run the attention kernel on path number ``path``;
@@ -174,24 +194,25 @@ def _run_kernel(library: ctypes.CDLL, path: int, qkv: torch.Tensor, table: torch
     half = neighbourhood_padding(kernel_size, dilation)
     pad_z = 0 if dims == 2 else half
     padded = (depth + 2 * pad_z, height + 2 * half, width + 2 * half)
-    q8 = qkv.new_zeros((batch * heads, groups, depth, height, width, 4), dtype=torch.int8)  # zero-filled channels
-    qf = qkv.new_empty((batch, heads, head_channels, *spatial))
-    k8 = qkv.new_full((batch * heads, groups, *padded, 4), 128, dtype=torch.uint8)  # keys + 128: 128 is int8 zero
-    v4 = qkv.new_zeros((batch * heads, head_channels, *padded, 4), dtype=torch.int8)
+    # the C pass writes every byte (padding included): no filling here
+    q8 = _with_slack((batch * heads, groups, depth, height, width, 4), torch.int8)
+    k8 = _with_slack((batch * heads, groups, *padded, 4), torch.uint8)  # keys + 128: 128 is int8 zero
+    v4 = _with_slack((batch * heads, head_channels, *padded, 4), torch.int8)
     spatial_strides = ([0] + list(qkv.stride()[4:])) if dims == 2 else list(qkv.stride()[4:])
     strides = (ctypes.c_int64 * 6)(qkv.stride(0), qkv.stride(1), qkv.stride(3), *spatial_strides)
     threads = _thread_count(qkv, kernel_size)
     status = library.monai_qsa_int8_split_quantize(
         qkv.data_ptr(), strides, batch, heads, head_channels, depth, height, width, pad_z, half, half, dilation,
-        *scales, scale, q8.data_ptr(), qf.data_ptr(), k8.data_ptr(), v4.data_ptr(), threads,
+        *scales, q8.data_ptr(), k8.data_ptr(), v4.data_ptr(), threads,
     )  # fmt: skip
     _check_status(status, _KERNEL_NAME)
-    rel = _kernel_table(table)  # 2D images are depth 1 to the kernel, with one (zero) depth offset
-    out = torch.empty_like(qf)
+    table_scale = _table_scale(table)
+    rel8 = quantize_symmetric(_kernel_table(table), table_scale)  # 2D: depth 1 to the kernel, one zero depth offset
+    out = qkv.new_empty((batch, heads, head_channels, *spatial))
     status = library.monai_qsa_local_attention_int8(
-        q8.data_ptr(), qf.data_ptr(), k8.data_ptr(), v4.data_ptr(), rel.data_ptr(), out.data_ptr(),
-        scale * scales[0] * scales[1], scales[2], batch * heads, head_channels, depth, height, width, *neighbourhood,
-        dilation, path, threads,
+        q8.data_ptr(), k8.data_ptr(), v4.data_ptr(), rel8.data_ptr(), out.data_ptr(), scale * scales[0] * scales[1],
+        scale * scales[0] * table_scale, scales[2], batch * heads, head_channels, depth, height, width,
+        *neighbourhood, dilation, path, threads,
     )  # fmt: skip
     if status == 2:
         raise RuntimeError(f"{_KERNEL_NAME}: this CPU cannot run path number {path}.")
@@ -217,7 +238,7 @@ def local_attention_int8(
     )  # fmt: skip
     path = _requested_path()
     library = None if path == "torch" else _library()
-    if library is None or qkv.device.type != "cpu" or qkv.dtype != torch.float32:
+    if library is None or qkv.device.type != "cpu" or qkv.dtype != torch.float32 or qkv.shape[3] > _MAX_HEAD_CHANNELS:
         return local_attention_int8_reference(qkv, table, kernel_size, dilation, scale, q_scale, k_scale, v_scale)
     scales = (q_scale, k_scale, v_scale)
     return _run_kernel(library, INT8_ATTENTION_PATHS[path], qkv, table, kernel_size, dilation, scale, scales)
