@@ -42,7 +42,7 @@ def untrained_bundle():
         torch.manual_seed(0)
         network = bundle_workflow(target).network_def
         (target / "models").mkdir()
-        checkpoint = {"network": network.state_dict(), "network_def": NetworkDefinition(network).state_dict()}
+        checkpoint = {"model": network.state_dict(), "network_def": NetworkDefinition(network).state_dict()}
         torch.save(checkpoint, target / "models" / "model.pt")
         return target
 

@@ -81,7 +81,7 @@ def _half_foreground(bundle: Path, image: Path) -> None:
     with torch.no_grad():
         logits = runner.inferer(data["image"][None], runner.network)[0]
     checkpoint = torch.load(bundle / "models" / "model.pt")
-    state = checkpoint["network"]
+    state = checkpoint["model"]  # the key MONAI Label reads
     last_bias = [key for key, value in state.items() if key.endswith("bias") and value.shape == (2,)][-1]
     state[last_bias][1] += float((logits[0] - logits[1]).median())
     torch.save(checkpoint, bundle / "models" / "model.pt")
