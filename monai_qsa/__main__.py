@@ -33,10 +33,40 @@ def _explain(args: argparse.Namespace) -> int:
     return explain(args.bundle, args.input, args.output, int8=args.int8, methods=tuple(args.methods))
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from monai_qsa.benchmark.sweep import run_sweep
+
+    if len(args.seeds) != 1:
+        raise ValueError(f"--sweep trains each model with one seed, got --seeds {args.seeds}.")
+    run_sweep(
+        args.task,
+        args.output,
+        dataset_dir=args.dataset_dir,
+        runs_dir=args.runs_dir,
+        max_epochs=args.epochs,
+        patience=args.patience,
+        val_interval=args.val_interval,
+        seed=args.seeds[0],
+        repeats=args.repeats,
+        min_seconds=args.min_seconds,
+        threads=tuple(args.threads),
+        max_cases=args.max_cases,
+        tolerance=args.tolerance,
+        volume_shape=() if args.no_end_to_end else args.volume_shape,
+        compile=not args.eager,
+        retrain=args.retrain,
+        retime=args.retime,
+        bundle_dir=args.bundle_dir,
+    )
+    return 0
+
+
 def _benchmark(args: argparse.Namespace) -> int:
     from monai_qsa.benchmark import run_benchmark
     from monai_qsa.benchmark.report import update_readme
 
+    if args.sweep:
+        return _sweep(args)
     report = run_benchmark(
         args.task,
         args.output,
@@ -167,6 +197,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     benchmark.add_argument(
         "--update_readme", metavar="README", help="replace the task's generated table in this Markdown file"
+    )
+    sweep = benchmark.add_argument_group(
+        "sweep",
+        "--sweep (seg2d, seg3d): every SAUNet preset, MONAI UNet and BasicUNet at three widths, each trained until "
+        "validation Dice stops improving (--epochs is then the most), quantised, timed fp32 eager, fp32 compiled and "
+        "int8 compiled; writes the accuracy-vs-latency and accuracy-vs-energy fronts, the matched-accuracy table and "
+        "an end-to-end timing of `infer` on a clinical-size volume to --output. See docs/benchmarks.md.",
+    )
+    sweep.add_argument("--sweep", action="store_true", help="run the sweep instead of the CNN-vs-SA table")
+    sweep.add_argument("--runs_dir", help="trained runs of the sweep, one folder per model (default OUTPUT/runs)")
+    sweep.add_argument(
+        "--patience", type=int, default=2, help="validations without improvement before training stops (default 2)"
+    )
+    sweep.add_argument("--val_interval", type=int, default=1, help="epochs between validations (default 1)")
+    sweep.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.005,
+        help="matched accuracy: SA int8 Dice at least the CNN's minus this (default 0.005)",
+    )
+    sweep.add_argument(
+        "--volume_shape",
+        type=int,
+        nargs="+",
+        help="end-to-end volume size at 1 mm (default 256 256 128 in 3D, 512 512 in 2D)",
+    )
+    sweep.add_argument("--no_end_to_end", action="store_true", help="skip the end-to-end timing")
+    sweep.add_argument(
+        "--retime", action="store_true", help="time again even where a timing of the same model file exists"
     )
     benchmark.set_defaults(handler=_benchmark)
 

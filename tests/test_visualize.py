@@ -124,3 +124,13 @@ def test_explain_goes_on_past_bad_files_and_reports_every_entry(tmp_path, untrai
     assert lines[str(inputs / "notes.txt")].startswith("failed: unsupported extension")
     assert lines[str(inputs / ".hidden.nii.gz")].startswith("ignored: hidden entry")
     assert (tmp_path / "maps" / "good_seg.nii.gz").is_file()
+
+
+@pytest.mark.parametrize("spatial", [(2, 3), (1, 1), (6, 2)])
+def test_attention_statistics_on_maps_smaller_than_the_neighbourhood(spatial):
+    """Deep levels of strided SAUNets are smaller than the 7x7 neighbourhood: every map stays finite."""
+    layer = StandAloneSelfAttention(2, 8, 8, kernel_size=7, num_heads=2).eval()
+    with torch.no_grad():
+        _, attention = layer(torch.randn(1, 8, *spatial), return_attention=True)
+    for name, value in attention_statistics(attention, layer).items():
+        assert value.shape == (1, 1, *spatial) and torch.isfinite(value).all(), name

@@ -17,49 +17,56 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["measure_model", "load_cases", "load_network", "load_model"]
+__all__ = ["measure_model", "bundle_workflow", "load_cases", "load_network", "load_model"]
 
 
-def _bundle_parser(bundle_dir: str, dataset_dir: str, network_def: dict | None = None):
-    """The bundle's training config on ``dataset_dir``, with ``network_def`` swapped in before anything is parsed
-    (so the dataset is read once however many items are taken from it)."""
-    from monai.bundle import ConfigParser
+def bundle_workflow(bundle_dir: str, dataset_dir: str, network_def: dict | None = None):
+    """The bundle's training config on ``dataset_dir`` as a MONAI ``ConfigWorkflow`` (initialised; nothing is
+    trained), with ``bundle_root`` passed explicitly and ``network_def`` swapped in before anything is parsed (so the
+    dataset is read once however many items are taken from it)."""
+    from monai.bundle import ConfigWorkflow
 
-    parser = ConfigParser()
-    parser.read_config(str(Path(bundle_dir) / "configs" / "train.json"))
-    parser.update(
-        {"bundle_root": bundle_dir, "dataset_dir": dataset_dir} | ({"network_def": network_def} if network_def else {})
+    configs = Path(bundle_dir) / "configs"
+    workflow = ConfigWorkflow(
+        config_file=str(configs / "train.json"),
+        meta_file=str(configs / "metadata.json"),
+        logging_file=False,
+        workflow_type="train",
+        bundle_root=str(bundle_dir),
+        dataset_dir=str(dataset_dir),
+        **({"network_def": network_def} if network_def else {}),
     )
-    return parser
+    workflow.initialize()
+    return workflow
 
 
-def load_cases(parser, max_cases: int) -> tuple[list[torch.Tensor], object]:
-    """The first ``max_cases`` validation images of the config ``parser`` (batch of one, preprocessed) and its
+def load_cases(workflow, max_cases: int) -> tuple[list[torch.Tensor], object]:
+    """The first ``max_cases`` validation images of the bundle ``workflow`` (batch of one, preprocessed) and its
     validation inferer."""
-    preprocessing = parser.get_parsed_content("validate#preprocessing")
-    datalist = parser.get_parsed_content("val_datalist")[:max_cases]
+    preprocessing = workflow.val_preprocessing
+    datalist = workflow.parser.get_parsed_content("val_datalist")[:max_cases]
     if not datalist:
-        raise ValueError(f"the dataset in {parser['dataset_dir']} has no validation cases to time.")
+        raise ValueError(f"the dataset in {workflow.dataset_dir} has no validation cases to time.")
     cases = [torch.as_tensor(preprocessing(dict(item))["image"])[None] for item in datalist]
-    return cases, parser.get_parsed_content("validate#inferer")
+    return cases, workflow.val_inferer
 
 
 def load_network(bundle_dir: str, dataset_dir: str, network_def: dict, checkpoint: str) -> nn.Module:
     """``network_def`` built in the bundle's training config (so references such as ``@num_classes`` resolve
     against the dataset), with the weights of ``checkpoint``, in eval mode."""
     return load_model(
-        {"precision": "fp32", "checkpoint": checkpoint}, _bundle_parser(bundle_dir, dataset_dir, network_def)
+        {"precision": "fp32", "checkpoint": checkpoint}, bundle_workflow(bundle_dir, dataset_dir, network_def)
     )
 
 
-def load_model(spec: dict, parser) -> nn.Module:
-    """The fp32 network (``spec["network_def"]``, already in ``parser``, + ``checkpoint``) or the int8 graph
+def load_model(spec: dict, workflow) -> nn.Module:
+    """The fp32 network (``spec["network_def"]``, already in ``workflow``, + ``checkpoint``) or the int8 graph
     (``int8_path``) of ``spec`` (:func:`monai_qsa.models.runnable_network`)."""
     from monai_qsa.models import runnable_network
 
     if spec["precision"] == "int8":
         return runnable_network(spec["int8_path"], int8=True)
-    return runnable_network(spec["checkpoint"], parser.get_parsed_content("network_def"))
+    return runnable_network(spec["checkpoint"], workflow.network_def)
 
 
 def measure_model(spec: dict) -> dict:
@@ -79,9 +86,9 @@ def measure_model(spec: dict) -> dict:
     from monai_qsa.utils.compile import compile_for_cpu, run_mode
     from monai_qsa.utils.energy import EnergyMeter, measure_energy
 
-    parser = _bundle_parser(spec["bundle_dir"], spec["dataset_dir"], spec["network_def"])
-    cases, inferer = load_cases(parser, spec["max_cases"])
-    model = load_model(spec, parser)
+    workflow = bundle_workflow(spec["bundle_dir"], spec["dataset_dir"], spec["network_def"])
+    cases, inferer = load_cases(workflow, spec["max_cases"])
+    model = load_model(spec, workflow)
     meter = EnergyMeter()
     result: dict = {"cases": len(cases)}
     for threads in spec["threads"]:

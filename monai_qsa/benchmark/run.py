@@ -18,19 +18,24 @@ from monai_qsa.benchmark.report import machine_info, relative_figures, write_rep
 from monai_qsa.benchmark.tasks import BENCHMARK_TASKS, cnn_network_def, default_bundle_dir, sa_network_def
 from monai_qsa.benchmark.train import train_and_quantize, trained_run
 
-__all__ = ["run_benchmark", "MODELS"]
+__all__ = ["run_benchmark", "MODELS", "measure_in_process", "int8_path"]
 
 #: the two trained models, in table order
 MODELS = ("cnn", "sa")
 
 
-def _int8_path(report: dict) -> Path:
+def int8_path(report: dict) -> Path:
     """The int8 file the quantisation step wrote, deployable or rejected by the metric-drop gate."""
     return Path(report.get("artifact") or report["rejected_artifact"])
 
 
-def _measure(spec: dict, work_dir: Path) -> dict:
-    """Run :mod:`monai_qsa.benchmark.measure` for one model in a fresh process."""
+def measure_in_process(spec: dict, work_dir: Path) -> dict:
+    """Run :func:`monai_qsa.benchmark.measure.measure_model` for ``spec`` in a fresh process (its spec and result
+    files are written to ``work_dir``, named after ``spec["name"]``).
+
+    Raises:
+        RuntimeError: the timing process failed, with the end of its error output.
+    """
     spec_path, result_path = work_dir / f"{spec['name']}.spec.json", work_dir / f"{spec['name']}.result.json"
     spec_path.write_text(json.dumps(spec))
     completed = subprocess.run(
@@ -58,7 +63,7 @@ def _complexity_rows(name: str, network: torch.nn.Module, report: dict, checkpoi
 
     example = torch.zeros(1, *report["input_shape"])
     parameters, flops = count_parameters(network), count_flops(network, example)
-    int8_path = _int8_path(report)
+    int8_file = int8_path(report)
     return {
         f"{name}_fp32": {
             "parameters": parameters,
@@ -69,8 +74,8 @@ def _complexity_rows(name: str, network: torch.nn.Module, report: dict, checkpoi
         f"{name}_int8": {
             "parameters": parameters,
             "flops": flops,
-            "size_bytes": serialized_size(int8_path),
-            "file": str(int8_path),
+            "size_bytes": serialized_size(int8_file),
+            "file": str(int8_file),
             "accepted": bool(report["accepted"]),
         },
     }
@@ -170,7 +175,7 @@ def run_benchmark(
                     "precision": precision,
                     "network_def": definitions[model],
                     "checkpoint": str(checkpoint),
-                    "int8_path": str(_int8_path(report)),
+                    "int8_path": str(int8_path(report)),
                     "compile": compile and precision == "int8",
                     "bundle_dir": str(bundle),
                     "dataset_dir": str(dataset),
@@ -179,7 +184,7 @@ def run_benchmark(
                     "min_seconds": min_seconds,
                     "threads": list(threads),
                 }
-                rows[name]["timing"] = _measure(timing_spec, Path(work))
+                rows[name]["timing"] = measure_in_process(timing_spec, Path(work))
                 rows[name]["metric"] = _summary([reports[model][s][f"{precision}_metric"] for s in seeds])
                 bar.update()
 

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from monai_qsa.bundle import bundle_dir
+
 __all__ = ["BenchmarkTask", "BENCHMARK_TASKS", "BASELINES", "default_bundle_dir", "cnn_network_def"]
 
 BASELINES = ("matched", "standard")
@@ -37,8 +39,13 @@ BENCHMARK_TASKS = {
 
 
 def default_bundle_dir(task: BenchmarkTask) -> Path:
-    """The bundle of this repository for ``task`` (``bundles/<name>`` next to the package)."""
-    return Path(__file__).resolve().parents[2] / "bundles" / task.bundle
+    """The shipped bundle for ``task`` (:func:`monai_qsa.bundle.bundle_dir`: a source checkout or an installed
+    package).
+
+    Raises:
+        FileNotFoundError: the bundle is not installed.
+    """
+    return bundle_dir(task.bundle)
 
 
 def sa_network_def(bundle_dir: Path) -> dict:

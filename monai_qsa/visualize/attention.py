@@ -70,9 +70,9 @@ def _shifted(values: torch.Tensor, offset: Sequence[int]) -> torch.Tensor:
     out = torch.zeros_like(values)
     dims = len(offset)
     source, target = [slice(None)] * (values.ndim - dims), [slice(None)] * (values.ndim - dims)
-    for o, size in zip(offset, values.shape[-dims:]):
-        source.append(slice(max(0, -o), size - max(0, o)))
-        target.append(slice(max(0, o), size - max(0, -o)))
+    for o, size in zip(offset, values.shape[-dims:]):  # empty slices where |o| >= size (maps smaller than k)
+        source.append(slice(max(0, -o), max(0, size - max(0, o))))
+        target.append(slice(max(0, o), max(0, size - max(0, -o))))
     out[tuple(target)] = values[tuple(source)]
     return out
 

@@ -1,0 +1,323 @@
+"""What the sweep's figures mean, computed from its report alone: each model's fastest run mode, the
+accuracy-vs-cost Pareto fronts, the matched-accuracy table, and ``report.json`` / ``report.md`` / the front plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from monai_qsa.benchmark.plots import write_front_plot
+
+__all__ = [
+    "fastest",
+    "points",
+    "pareto_front",
+    "pareto_fronts",
+    "matched_accuracy_table",
+    "chosen_models",
+    "markdown_sweep_report",
+    "write_sweep_report",
+    "COSTS",
+]
+
+#: the cost axes of the fronts: report field of a point → axis label
+COSTS = {"latency_ms": "latency per case (ms, median)", "energy_j": "energy per case (J)"}
+
+
+def fastest(row: dict, precision: str, threads: int) -> dict:
+    """The fastest run mode of one model of the report at ``precision`` and ``threads``: ``{"mode", "latency_ms",
+    "energy_j", "energy_method"}`` (energy measured in that mode; None where CodeCarbon could not measure).
+
+    Raises:
+        ValueError: the model has no timing at ``precision``.
+    """
+    modes = {mode: timing[str(threads)] for mode, timing in row["timing"].items() if mode.startswith(f"{precision}_")}
+    if not modes:
+        raise ValueError(f"precision must be one the model was timed at ({sorted(row['timing'])}), got {precision!r}.")
+    mode = min(modes, key=lambda m: (modes[m]["median_ms"], m))
+    best = modes[mode]
+    return {
+        "mode": mode,
+        "latency_ms": best["median_ms"],
+        "energy_j": best["energy_j_per_case"],
+        "energy_method": best["energy_method"],
+    }
+
+
+def points(report: dict) -> list[dict]:
+    """One point per model and precision: ``{"model", "family", "precision", "metric", "latency_ms", "energy_j",
+    "mode"}``, the costs of the fastest mode at the report's reference thread count."""
+    threads = report["reference_threads"]
+    return [
+        {
+            "model": name,
+            "family": row["family"],
+            "precision": precision,
+            "metric": row[f"{precision}_metric"],
+            **fastest(row, precision, threads),
+        }
+        for name, row in report["models"].items()
+        for precision in ("fp32", "int8")
+    ]
+
+
+def pareto_front(candidates: list[dict], cost: str) -> list[dict]:
+    """The points no other point beats: none has a cost at most theirs and a metric at least theirs, one of them
+    strictly. Cheapest first; points without a ``cost`` value are left out."""
+    ordered = sorted((p for p in candidates if p[cost] is not None), key=lambda p: (p[cost], -p["metric"]))
+    front: list[dict] = []
+    for point in ordered:
+        if not front or point["metric"] > front[-1]["metric"]:
+            front.append(point)
+    return front
+
+
+def pareto_fronts(report: dict) -> dict:
+    """``{cost: ["<model> <precision>", ...]}`` for each cost of :data:`COSTS`, over both families and
+    precisions, cheapest first."""
+    every = points(report)
+    return {cost: [f"{p['model']} {p['precision']}" for p in pareto_front(every, cost)] for cost in COSTS}
+
+
+def _ratio(sa: float | None, cnn: float | None) -> float | None:
+    return None if sa is None or not cnn else sa / cnn
+
+
+def _ratios(sa: dict, cnn: dict, sa_row: dict, cnn_row: dict, cnn_precision: str) -> dict:
+    return {
+        "latency": _ratio(sa["latency_ms"], cnn["latency_ms"]),
+        "energy": _ratio(sa["energy_j"], cnn["energy_j"]),
+        "size": _ratio(sa_row["int8_size_bytes"], cnn_row[f"{cnn_precision}_size_bytes"]),
+        "flops": _ratio(sa_row["flops"], cnn_row["flops"]),
+    }
+
+
+def matched_accuracy_table(report: dict) -> list[dict]:
+    """For each CNN of the report, the cheapest (latency, fastest mode, reference threads) SA int8 model whose
+    validation metric is at least the CNN's fp32 metric minus the report's ``tolerance``, with SA int8 / CNN ratios of
+    latency, energy, stored size and multiply-adds against the CNN in fp32 (its fastest mode) and in int8. ``sa`` is
+    None where no SA model is that accurate.
+
+    Returns:
+        rows ``{"cnn", "cnn_metric", "sa", "sa_metric", "sa_latency_ms", "cnn_fp32_latency_ms",
+        "cnn_int8_latency_ms", "vs_cnn_fp32": {"latency", "energy", "size", "flops"}, "vs_cnn_int8": {...}}``.
+    """
+    threads, models = report["reference_threads"], report["models"]
+    rows = []
+    for cnn, cnn_row in models.items():
+        if cnn_row["family"] != "CNN":
+            continue
+        target = cnn_row["fp32_metric"] - report["tolerance"]
+        accurate = [
+            (fastest(row, "int8", threads)["latency_ms"], name)
+            for name, row in models.items()
+            if row["family"] == "SA" and row["int8_metric"] >= target
+        ]
+        cnn_fp32, cnn_int8 = fastest(cnn_row, "fp32", threads), fastest(cnn_row, "int8", threads)
+        row = {
+            "cnn": cnn,
+            "cnn_metric": cnn_row["fp32_metric"],
+            "cnn_fp32_latency_ms": cnn_fp32["latency_ms"],
+            "cnn_int8_latency_ms": cnn_int8["latency_ms"],
+            "sa": None,
+        }
+        if accurate:
+            sa = min(accurate)[1]
+            sa_row, sa_int8 = models[sa], fastest(models[sa], "int8", threads)
+            row |= {
+                "sa": sa,
+                "sa_metric": sa_row["int8_metric"],
+                "sa_latency_ms": sa_int8["latency_ms"],
+                "vs_cnn_fp32": _ratios(sa_int8, cnn_fp32, sa_row, cnn_row, "fp32"),
+                "vs_cnn_int8": _ratios(sa_int8, cnn_int8, sa_row, cnn_row, "int8"),
+            }
+        rows.append(row)
+    return rows
+
+
+def chosen_models(report: dict) -> dict:
+    """The models timed end to end: ``{"cnn": the most accurate CNN (fp32), "sa": its match in the matched-accuracy
+    table, or else the most accurate SA int8 model}``; ties go to the faster model."""
+    threads, models = report["reference_threads"], report["models"]
+
+    def best(family: str, precision: str) -> str:
+        names = [n for n, row in models.items() if row["family"] == family]
+        return min(
+            names,
+            key=lambda n: (-models[n][f"{precision}_metric"], fastest(models[n], precision, threads)["latency_ms"]),
+        )
+
+    cnn = best("CNN", "fp32")
+    match = next(row["sa"] for row in report["matched"] if row["cnn"] == cnn)
+    return {"cnn": cnn, "sa": match or best("SA", "int8")}
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _models_table(report: dict) -> list[str]:
+    threads = report["threads"]
+    modes = list(next(iter(report["models"].values()))["timing"])
+    header = [
+        "model",
+        "parameters",
+        "GMAC",
+        "size fp32 / int8 (KiB)",
+        "epochs",
+        "train (s)",
+        f"{report['metric']} fp32 / int8",
+        *[f"{mode} ms, {t} thr" for mode in modes for t in threads],
+        f"energy J fp32 / int8, {report['reference_threads']} thr",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, row in report["models"].items():
+        best = {p: fastest(row, p, report["reference_threads"]) for p in ("fp32", "int8")}
+        gate = "" if row["int8_accepted"] else " (int8 rejected by the drop gate)"
+        cells = [
+            name + gate,
+            f"{row['parameters']:,}",
+            f"{row['flops'] / 1e9:.3f}",
+            f"{row['fp32_size_bytes'] / 1024:.0f} / {row['int8_size_bytes'] / 1024:.0f}",
+            str(row["epochs_run"]),
+            f"{row['seconds']:.0f}",
+            f"{row['fp32_metric']:.4f} / {row['int8_metric']:.4f}",
+            *[f"{row['timing'][mode][str(t)]['median_ms']:.1f}" for mode in modes for t in threads],
+            f"{_number(best['fp32']['energy_j'], '.3f')} / {_number(best['int8']['energy_j'], '.3f')}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _matched_table(report: dict) -> list[str]:
+    header = [
+        "CNN",
+        f"CNN {report['metric']} (fp32)",
+        "cheapest SA int8 at matched accuracy",
+        f"SA {report['metric']}",
+        "latency / CNN fp32",
+        "latency / CNN int8",
+        "energy / CNN fp32",
+        "energy / CNN int8",
+        "size / CNN fp32",
+        "size / CNN int8",
+        "MACs / CNN",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in report["matched"]:
+        if row["sa"] is None:
+            lines.append(f"| {row['cnn']} | {row['cnn_metric']:.4f} | none within {report['tolerance']} |" + " |" * 8)
+            continue
+        fp32, int8 = row["vs_cnn_fp32"], row["vs_cnn_int8"]
+        ratios = [
+            fp32["latency"],
+            int8["latency"],
+            fp32["energy"],
+            int8["energy"],
+            fp32["size"],
+            int8["size"],
+            fp32["flops"],
+        ]
+        cells = [row["cnn"], f"{row['cnn_metric']:.4f}", row["sa"], f"{row['sa_metric']:.4f}"]
+        lines.append("| " + " | ".join(cells + [_number(r, ".2f") + "x" for r in ratios]) + " |")
+    return lines
+
+
+def _end_to_end_table(report: dict) -> list[str]:
+    end_to_end = report["end_to_end"]
+    if not end_to_end:
+        return ["(not measured)"]
+    shape = "x".join(map(str, end_to_end["shape"]))
+    lines = [
+        f"One synthetic {shape} volume at {end_to_end['spacing_mm']:g} mm through `python -m monai_qsa infer` "
+        f"(load, preprocessing, sliding window, inversion, save; {end_to_end['threads']} threads, a fresh process "
+        "per model, two identical volumes: the first output includes start-up and compilation):",
+        "",
+        "| model | precision (mode) | whole command (s) | to the first output: start-up, compilation, case (s) "
+        "| one case end to end (s) | its network time (s) | its energy, load to postprocessing (J) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in end_to_end["runs"]:
+        cells = [
+            run["model"],
+            f"{run['precision']} ({run['mode']})",
+            f"{run['wall_s']:.1f}",
+            f"{run['first_case_s']:.1f}",
+            f"{run['case_s']:.2f}",
+            f"{run['network_s']:.2f}",
+            _number(run["energy_j"], ".2f"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown_sweep_report(report: dict) -> str:
+    """``report.md``: the models, the fronts, the matched-accuracy table, the end-to-end timing and the method."""
+    machine, threads = report["machine"], report["reference_threads"]
+    stopping = report["early_stopping"]
+    methods = {fastest(row, p, threads)["energy_method"] for row in report["models"].values() for p in ("fp32", "int8")}
+    fronts = [f"- {COSTS[cost]}: " + " → ".join(front) for cost, front in report["fronts"].items()]
+    return "\n".join(
+        [
+            f"# monai_qsa benchmark --sweep: {report['task']}",
+            "",
+            *_models_table(report),
+            "",
+            f"## Pareto fronts ({report['metric']} against cost, fastest mode, {threads} threads, cheapest first)",
+            "",
+            *fronts,
+            "",
+            f"## Matched accuracy: cheapest SA int8 with {report['metric']} ≥ the CNN's − {report['tolerance']}",
+            "",
+            f"Ratios SA int8 / CNN ({threads} threads, each model in its fastest mode; below 1: SA is cheaper).",
+            "",
+            *_matched_table(report),
+            "",
+            "## End to end, clinical size",
+            "",
+            *_end_to_end_table(report),
+            "",
+            "## Method",
+            "",
+            f"- {report['metric']}: {report['metric_split']}; seed {report['seed']}; every model trained with the "
+            f"bundle's train.json for at most {report['max_epochs']} epochs, validated every "
+            f"{stopping['val_interval']} epoch(s), stopped after {stopping['patience']} validations without "
+            "improvement (MONAI EarlyStopHandler on the validation Dice).",
+            f"- int8: post-training quantisation (quantize_ptq via the bundle's PostTrainingQuantizationHandler); "
+            f"GMAC: multiply-adds of one network input of shape {next(iter(report['models'].values()))['input_shape']}"
+            "; sizes: fp32 state_dict, int8 .pt2 file.",
+            f"- Latency: median per validation case (bundle preprocessing done, validation sliding-window inferer) "
+            f"over at least {report['repeats']} passes of {report['max_cases']} cases and {report['min_seconds']:g} s "
+            "per model, mode and thread count, each model in its own process; fastest mode per precision for every "
+            "comparison.",
+            f"- Energy: {'; '.join(sorted(methods))}; measured over the same window as the latency.",
+            f"- Machine: {machine['cpu']} ({', '.join(machine['isa']) or 'no AVX2/AVX-512'}), "
+            f"{machine['logical_cpus']} logical CPUs, torch {machine['torch']}, MONAI {machine['monai']}, "
+            f"Python {machine['python']}.",
+            "",
+        ]
+    )
+
+
+def write_sweep_report(report: dict, output: Path) -> None:
+    """Write ``report.json``, ``report.md``, ``accuracy_vs_latency.png`` and ``accuracy_vs_energy.png`` into
+    ``output``."""
+    output.mkdir(parents=True, exist_ok=True)
+    every = points(report)
+    title = f"{report['task']}: {report['metric']} vs"
+    report["plots"] = [
+        str(
+            write_front_plot(
+                every,
+                pareto_front(every, cost),
+                cost,
+                xlabel,
+                f"{title} {xlabel.split(' (')[0]}, {report['reference_threads']} threads",
+                report["metric"],
+                output / f"accuracy_vs_{cost.split('_')[0]}.png",
+            )
+        )
+        for cost, xlabel in COSTS.items()
+    ]
+    (output / "report.json").write_text(json.dumps(report, indent=2))
+    (output / "report.md").write_text(markdown_sweep_report(report))
