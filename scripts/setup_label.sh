@@ -22,8 +22,9 @@ step "1/6 creating the virtual environment $VENV"
 python -m venv "$VENV"
 step "2/6 installing torch 2.14.1 + torchvision 0.29.1 (CUDA builds, run on the CPU; the largest step)"
 install torch==2.14.1 torchvision==0.29.1
-step "3/6 installing requirements.txt (without its torch pin) and requirements-label.txt"
-grep -v '^torch==' requirements.txt > "$VENV/requirements-main.txt"
+step "3/6 installing requirements.txt (without its torch and triton pins) and requirements-label.txt"
+# torch 2.14.1 brings its own triton; the main environment's pin (for torch 2.13) would make pip swap torch
+grep -v -e '^torch==' -e '^triton' requirements.txt > "$VENV/requirements-main.txt"
 install -r "$VENV/requirements-main.txt" -r requirements-label.txt
 step "4/6 installing monailabel 0.8.5 and pydicom-seg 0.4.1 (--no-deps)"
 install --no-deps monailabel==0.8.5 pydicom-seg==0.4.1
