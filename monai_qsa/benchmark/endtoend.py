@@ -13,13 +13,14 @@ import csv
 import hashlib
 import json
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from monai_qsa.benchmark.run import run_in_process
 
 __all__ = ["time_end_to_end", "write_clinical_volume", "deployable_bundle"]
 
@@ -123,18 +124,15 @@ def time_end_to_end(
     bundle = deployable_bundle(
         Path(bundle_dir), work_dir / f"bundle_{key}", network_def, Path(model_file), int8, compile
     )
-    spec_path = work_dir / f"{key}.spec.json"
-    spec_path.write_text(json.dumps({**spec, "bundle": str(bundle), "input": str(inputs)}))
-    completed = subprocess.run(
-        [sys.executable, "-m", "monai_qsa.benchmark.endtoend", str(spec_path), str(result_path)],
-        capture_output=True,
-        text=True,
-        check=False,
+    result = run_in_process(
+        "monai_qsa.benchmark.endtoend",
+        {**spec, "bundle": str(bundle), "input": str(inputs)},
+        work_dir / f"{key}.spec.json",
+        result_path,
+        f"end-to-end timing of {model_file}",
     )
-    if completed.returncode != 0:
-        raise RuntimeError(f"end-to-end timing of {model_file} failed:\n{completed.stderr[-3000:]}")
     shutil.rmtree(inputs)
-    return json.loads(result_path.read_text())
+    return result
 
 
 def _run(spec: dict, output: Path) -> dict:

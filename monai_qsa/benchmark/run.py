@@ -18,7 +18,7 @@ from monai_qsa.benchmark.report import machine_info, relative_figures, write_rep
 from monai_qsa.benchmark.tasks import BENCHMARK_TASKS, cnn_network_def, default_bundle_dir, sa_network_def
 from monai_qsa.benchmark.train import train_and_quantize, trained_run
 
-__all__ = ["run_benchmark", "MODELS", "measure_in_process", "int8_path"]
+__all__ = ["run_benchmark", "MODELS", "run_in_process", "measure_in_process", "int8_path"]
 
 #: the two trained models, in table order
 MODELS = ("cnn", "sa")
@@ -29,6 +29,22 @@ def int8_path(report: dict) -> Path:
     return Path(report.get("artifact") or report["rejected_artifact"])
 
 
+def run_in_process(module: str, spec: dict, spec_path: Path, result_path: Path, what: str) -> dict:
+    """``python -m module spec_path result_path`` in a fresh process (``spec`` written to ``spec_path`` first); the
+    JSON it writes to ``result_path``.
+
+    Raises:
+        RuntimeError: the process failed, naming ``what`` and quoting the end of its error output.
+    """
+    spec_path.write_text(json.dumps(spec))
+    completed = subprocess.run(
+        [sys.executable, "-m", module, str(spec_path), str(result_path)], capture_output=True, text=True, check=False
+    )
+    if completed.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{completed.stderr[-3000:]}")
+    return json.loads(result_path.read_text())
+
+
 def measure_in_process(spec: dict, work_dir: Path) -> dict:
     """Run :func:`monai_qsa.benchmark.measure.measure_model` for ``spec`` in a fresh process (its spec and result
     files are written to ``work_dir``, named after ``spec["name"]``).
@@ -36,17 +52,9 @@ def measure_in_process(spec: dict, work_dir: Path) -> dict:
     Raises:
         RuntimeError: the timing process failed, with the end of its error output.
     """
-    spec_path, result_path = work_dir / f"{spec['name']}.spec.json", work_dir / f"{spec['name']}.result.json"
-    spec_path.write_text(json.dumps(spec))
-    completed = subprocess.run(
-        [sys.executable, "-m", "monai_qsa.benchmark.measure", str(spec_path), str(result_path)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if completed.returncode != 0:
-        raise RuntimeError(f"timing {spec['name']} failed:\n{completed.stderr[-3000:]}")
-    return json.loads(result_path.read_text())
+    name = spec["name"]
+    spec_path, result_path = work_dir / f"{name}.spec.json", work_dir / f"{name}.result.json"
+    return run_in_process("monai_qsa.benchmark.measure", spec, spec_path, result_path, f"timing {name}")
 
 
 def _summary(values: list[float]) -> dict:
