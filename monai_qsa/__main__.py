@@ -35,10 +35,11 @@ def _explain(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     from monai_qsa.benchmark.sweep import run_sweep
+    from monai_qsa.benchmark.sweep_report import update_readme_with_sweep
 
     if len(args.seeds) != 1:
         raise ValueError(f"--sweep trains each model with one seed, got --seeds {args.seeds}.")
-    run_sweep(
+    report = run_sweep(
         args.task,
         args.output,
         dataset_dir=args.dataset_dir,
@@ -58,6 +59,8 @@ def _sweep(args: argparse.Namespace) -> int:
         retime=args.retime,
         bundle_dir=args.bundle_dir,
     )
+    if args.update_readme:
+        update_readme_with_sweep(args.update_readme, report)
     return 0
 
 
@@ -196,7 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--bundle_dir", help="bundle holding the training recipe (default: this repository's bundle for the task)"
     )
     benchmark.add_argument(
-        "--update_readme", metavar="README", help="replace the task's generated table in this Markdown file"
+        "--update_readme",
+        metavar="README",
+        help="replace the task's generated block in this Markdown file: <!-- benchmark:TASK --> (the table), with "
+        "--sweep <!-- sweep:TASK --> (the matched-accuracy summary and the front plots)",
     )
     sweep = benchmark.add_argument_group(
         "sweep",

@@ -109,16 +109,20 @@ def load_checkpoint(network: nn.Module, checkpoint: str | os.PathLike) -> nn.Mod
     """
     checkpoint = Path(checkpoint)
     state = _read_checkpoint(checkpoint)
-    expected = set(network.state_dict())
-    if not expected <= set(state):
-        nested = [value for value in state.values() if isinstance(value, dict) and expected <= set(value)]
-        if not nested:
-            raise ValueError(
-                f"checkpoint {checkpoint} holds no state_dict of {type(network).__name__} (keys: {sorted(state)[:6]})."
-            )
-        state = nested[0]
-    network.load_state_dict(state)
-    return network.eval()
+    # the checkpoint itself or one of the objects saved in it; the network decides (its modules may convert
+    # parameters saved in an earlier layout, e.g. PixelShuffleUpsample)
+    reasons = []
+    for candidate in [state] + [value for value in state.values() if isinstance(value, dict)]:
+        try:
+            network.load_state_dict(candidate)
+        except RuntimeError as error:
+            reasons.append(str(error).splitlines()[-1].strip()[:300])
+            continue
+        return network.eval()
+    raise ValueError(
+        f"checkpoint {checkpoint} holds no state_dict of {type(network).__name__} (keys: {sorted(state)[:6]}; "
+        f"closest: {min(reasons, key=len)})."
+    )
 
 
 def runnable_network(

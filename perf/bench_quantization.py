@@ -13,6 +13,7 @@ Inputs are random (latency does not depend on the values); calibration uses 2 ra
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import tempfile
@@ -22,6 +23,7 @@ import warnings
 import torch
 from monai.networks.nets import BasicUNet
 
+from monai_qsa.bundle import bundle_dir
 from monai_qsa.networks import SAUNet
 from monai_qsa.networks.blocks.local_attention_int8 import (
     PATH_VARIABLE,
@@ -34,11 +36,14 @@ from monai_qsa.utils.complexity import count_flops, count_parameters, serialized
 from monai_qsa.utils.cpu import cpu_model
 from monai_qsa.utils.timing import median_seconds as median_wall_seconds
 
-#: input shape and the two networks of each case: SAUNet as in the sa_seg / sa_seg3d bundles, BasicUNet default
-CASES = {
-    "2d": ((1, 1, 256, 256), dict(spatial_dims=2, features=(16, 32, 64, 128), kernel_size=7, num_heads=4)),
-    "3d": ((1, 1, 96, 96, 96), dict(spatial_dims=3, features=(8, 16, 32, 64), kernel_size=3, num_heads=2)),
-}
+#: input shape of each case and the bundle whose SAUNet it times (against BasicUNet's default)
+CASES = {"2d": ((1, 1, 256, 256), "sa_seg"), "3d": ((1, 1, 96, 96, 96), "sa_seg3d")}
+
+
+def bundle_saunet(bundle: str) -> SAUNet:
+    """The SAUNet of ``bundle``'s ``train.json`` (its ``network_def``), in eval mode."""
+    definition = json.loads((bundle_dir(bundle) / "configs" / "train.json").read_text())["network_def"]
+    return SAUNet(**{key: value for key, value in definition.items() if key != "_target_"}).eval()
 
 
 #: the attention operator alone, at the first SA level of SAUNet in each case above: spatial_dims, image size,
@@ -186,10 +191,10 @@ def main() -> None:
     for case in (case for case in args.cases if case in ATTENTION_CASES):
         operator_rows += bench_attention(case, args.repeats)
     for case in (case for case in args.cases if case in CASES):
-        shape, sa_kwargs = CASES[case]
-        dims = sa_kwargs["spatial_dims"]
+        shape, bundle = CASES[case]
+        dims = len(shape) - 2
         x = torch.randn(shape)
-        nets = {"SAUNet": SAUNet(in_channels=1, out_channels=2, **sa_kwargs).eval()}
+        nets = {"SAUNet": bundle_saunet(bundle)}
         if not args.saunet_only:
             nets["BasicUNet"] = BasicUNet(dims, 1, 2).eval()
         medians: dict[tuple[str, str, int], float] = {}

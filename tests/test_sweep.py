@@ -4,7 +4,10 @@ the end-to-end timing, and a rerun that trains and times nothing again."""
 
 from __future__ import annotations
 
+import copy
 import json
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +15,7 @@ import torch
 from monai_qsa.__main__ import main
 from monai_qsa.benchmark.measure import load_network
 from monai_qsa.benchmark.sweep import SweepModel, cnn_models, default_sweep_models, run_sweep
-from monai_qsa.benchmark.sweep_report import pareto_front
+from monai_qsa.benchmark.sweep_report import TARGETS, pareto_front, update_readme_with_sweep
 from monai_qsa.benchmark.tasks import BENCHMARK_TASKS, default_bundle_dir
 from monai_qsa.data import make_synthetic_dataset
 from monai_qsa.networks.nets import SAUNET_PRESETS
@@ -131,6 +134,57 @@ def test_fronts_plots_and_markdown(tiny_sweep):
     text = (root / "out" / "report.md").read_text()
     assert "| SA-4 |" in text and "Matched accuracy" in text and report["machine"]["cpu"] in text
     assert "CodeCarbon" in text or "RAPL" in text or "unavailable" in text  # the energy method is stated
+
+
+def test_readme_summary_comes_from_the_report(tiny_sweep, tmp_path):
+    _, report = tiny_sweep
+    readme = tmp_path / "docs" / "README.md"
+    readme.parent.mkdir()
+    readme.write_text(
+        "intro\n<!-- sweep:seg2d -->\nold\n<!-- /sweep:seg2d -->\n<!-- benchmark:seg2d -->\nkeep\n"
+        "<!-- /benchmark:seg2d -->\n"
+    )
+    update_readme_with_sweep(readme, report)
+    text = readme.read_text()
+    assert text.startswith("intro\n") and "old" not in text and "\nkeep\n" in text
+    for row in report["matched"]:
+        line = next(
+            line for line in text.splitlines() if line.startswith(f"| {row['cnn']} ({row['cnn_metric']:.3f}) |")
+        )
+        if row["sa"] is None:
+            assert "| none |" in line
+        else:
+            fp32, int8 = row["vs_cnn_fp32"], row["vs_cnn_int8"]
+            ratios = [fp32["latency"], int8["latency"], fp32["energy"], int8["energy"], fp32["flops"]]
+            assert [f"{r:.2f}x" for r in ratios if r is not None] == re.findall(r"[\d.]+x", line)[: len(ratios)]
+    met = [
+        row
+        for row in report["matched"]
+        if row["sa"] is not None
+        and all(
+            row[f"vs_cnn_{p}"][figure] is None or row[f"vs_cnn_{p}"][figure] <= target
+            for p, target in TARGETS.items()
+            for figure in ("latency", "energy")
+        )
+    ]
+    assert f"met against {len(met)} of {len(report['matched'])} CNNs" in text
+    links = re.findall(r"!\[[^]]*\]\(([^)]+)\)", text)
+    assert [(readme.parent / link).resolve() for link in links] == [Path(p).resolve() for p in report["plots"]]
+
+    slow = copy.deepcopy(report)  # a match that misses two of the targets
+    row = slow["matched"][0]
+    ratios = {"size": 0.1, "flops": 0.2, "parameters": 0.3}
+    row |= {
+        "sa": "SA-4",
+        "sa_metric": row["cnn_metric"],
+        "vs_cnn_fp32": {"latency": 0.61, "energy": 0.3, **ratios},
+        "vs_cnn_int8": {"latency": 0.9, "energy": 1.2, **ratios},
+    }
+    update_readme_with_sweep(readme, slow)
+    assert f"missed against {row['cnn']} (latency 0.61x its fp32; energy 1.20x its int8)" in readme.read_text()
+    (tmp_path / "plain.md").write_text("no markers")
+    with pytest.raises(ValueError, match="sweep:seg2d"):
+        update_readme_with_sweep(tmp_path / "plain.md", report)
 
 
 def test_end_to_end_timing(tiny_sweep):

@@ -20,6 +20,7 @@ __all__ = [
     "markdown_report",
     "write_report",
     "update_readme",
+    "replace_generated_block",
     "PUBLISHED_RANGES",
     "LABELS",
 ]
@@ -154,6 +155,22 @@ def write_report(report: dict, output: Path) -> None:
     print(text)
 
 
+def replace_generated_block(markdown_file: str | os.PathLike, name: str, body: str) -> None:
+    """Replace the generated block ``<!-- name -->`` … ``<!-- /name -->`` of ``markdown_file`` with ``body``; the rest
+    of the file is kept byte for byte.
+
+    Raises:
+        ValueError: the markers are missing, naming the file.
+    """
+    path = Path(markdown_file)
+    text = path.read_text()
+    start, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
+    if not pattern.search(text):
+        raise ValueError(f"{path} has no '{start}' ... '{end}' block to replace.")
+    path.write_text(pattern.sub(lambda _: f"{start}\n{body.strip()}\n{end}", text))
+
+
 def update_readme(readme: str | os.PathLike, report: dict) -> None:
     """Replace the generated block ``<!-- benchmark:<task> -->`` … ``<!-- /benchmark:<task> -->`` of ``readme``
     with this report's table.
@@ -161,11 +178,5 @@ def update_readme(readme: str | os.PathLike, report: dict) -> None:
     Raises:
         ValueError: the markers are missing, naming the file.
     """
-    path = Path(readme)
-    text = path.read_text()
-    start, end = f"<!-- benchmark:{report['task']} -->", f"<!-- /benchmark:{report['task']} -->"
-    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
-    if not pattern.search(text):
-        raise ValueError(f"{path} has no '{start}' ... '{end}' block to replace.")
-    body = markdown_report(report).split("\n", 2)[2].strip()  # without the title line
-    path.write_text(pattern.sub(lambda _: f"{start}\n{body}\n{end}", text))
+    body = markdown_report(report).split("\n", 2)[2]  # without the title line
+    replace_generated_block(readme, f"benchmark:{report['task']}", body)

@@ -363,6 +363,7 @@ def _end_to_end(report: dict, settings: _Settings, shape: tuple[int, ...], bar) 
                     shape=shape,
                     threads=threads,
                     work_dir=settings.runs / "end_to_end",
+                    retime=settings.retime,
                 ),
             }
         )

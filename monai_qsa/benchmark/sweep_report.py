@@ -4,9 +4,11 @@ accuracy-vs-cost Pareto fronts, the matched-accuracy table, and ``report.json`` 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from monai_qsa.benchmark.plots import write_front_plot
+from monai_qsa.benchmark.report import PUBLISHED_RANGES, replace_generated_block
 
 __all__ = [
     "fastest",
@@ -17,11 +19,17 @@ __all__ = [
     "chosen_models",
     "markdown_sweep_report",
     "write_sweep_report",
+    "readme_summary",
+    "update_readme_with_sweep",
     "COSTS",
+    "TARGETS",
 ]
 
 #: the cost axes of the fronts: report field of a point → axis label
 COSTS = {"latency_ms": "latency per case (ms, median)", "energy_j": "energy per case (J)"}
+#: the product's target at matched accuracy: SA int8 latency and energy at most these multiples of the CNN's, per CNN
+#: precision
+TARGETS = {"fp32": 0.5, "int8": 1.0}
 
 
 def fastest(row: dict, precision: str, threads: int) -> dict:
@@ -89,18 +97,20 @@ def _ratios(sa: dict, cnn: dict, sa_row: dict, cnn_row: dict, cnn_precision: str
         "energy": _ratio(sa["energy_j"], cnn["energy_j"]),
         "size": _ratio(sa_row["int8_size_bytes"], cnn_row[f"{cnn_precision}_size_bytes"]),
         "flops": _ratio(sa_row["flops"], cnn_row["flops"]),
+        "parameters": _ratio(sa_row["parameters"], cnn_row["parameters"]),
     }
 
 
 def matched_accuracy_table(report: dict) -> list[dict]:
     """For each CNN of the report, the cheapest (latency, fastest mode, reference threads) SA int8 model whose
     validation metric is at least the CNN's fp32 metric minus the report's ``tolerance``, with SA int8 / CNN ratios of
-    latency, energy, stored size and multiply-adds against the CNN in fp32 (its fastest mode) and in int8. ``sa`` is
-    None where no SA model is that accurate.
+    latency, energy, stored size, multiply-adds and parameters against the CNN in fp32 (its fastest mode) and in
+    int8. ``sa`` is None where no SA model is that accurate.
 
     Returns:
         rows ``{"cnn", "cnn_metric", "sa", "sa_metric", "sa_latency_ms", "cnn_fp32_latency_ms",
-        "cnn_int8_latency_ms", "vs_cnn_fp32": {"latency", "energy", "size", "flops"}, "vs_cnn_int8": {...}}``.
+        "cnn_int8_latency_ms", "vs_cnn_fp32": {"latency", "energy", "size", "flops", "parameters"}, "vs_cnn_int8":
+        {...}}``.
     """
     threads, models = report["reference_threads"], report["models"]
     rows = []
@@ -231,10 +241,12 @@ def _end_to_end_table(report: dict) -> list[str]:
     lines = [
         f"One synthetic {shape} volume at {end_to_end['spacing_mm']:g} mm through `python -m monai_qsa infer` "
         f"(load, preprocessing, sliding window, inversion, save; {end_to_end['threads']} threads, a fresh process "
-        "per model, two identical volumes: the first output includes start-up and compilation):",
+        "per model, four identical volumes: the first output includes start-up and compilation, the later ones give "
+        "the medians of one case):",
         "",
         "| model | precision (mode) | whole command (s) | to the first output: start-up, compilation, case (s) "
-        "| one case end to end (s) | its network time (s) | its energy, load to postprocessing (J) |",
+        "| one case end to end (s, median) | its network time (s, median) "
+        "| its energy, load to postprocessing (J, median) |",
         "|---|---|---|---|---|---|---|",
     ]
     for run in end_to_end["runs"]:
@@ -321,3 +333,92 @@ def write_sweep_report(report: dict, output: Path) -> None:
     ]
     (output / "report.json").write_text(json.dumps(report, indent=2))
     (output / "report.md").write_text(markdown_sweep_report(report))
+
+
+def _misses(row: dict) -> list[str]:
+    """The targets of :data:`TARGETS` one matched row misses, as ``"latency 1.12x its fp32, 1.23x its int8"``."""
+    misses = []
+    for figure in ("latency", "energy"):
+        ratios = {precision: row[f"vs_cnn_{precision}"][figure] for precision in TARGETS}
+        missed = [f"{r:.2f}x its {p}" for p, r in ratios.items() if r is not None and r > TARGETS[p]]
+        if missed:
+            misses.append(f"{figure} {', '.join(missed)}")
+    return misses
+
+
+def _targets_line(matched: list[dict]) -> str:
+    rows = [row for row in matched if row["sa"] is not None]
+    missed = {row["cnn"]: _misses(row) for row in rows if _misses(row)}
+    unmatched = [row["cnn"] for row in matched if row["sa"] is None]
+    line = (
+        f"Target (SA int8 latency and energy ≤ {TARGETS['fp32']}x the CNN's fp32 and ≤ {TARGETS['int8']}x its int8, "
+        f"at matched accuracy): met against {len(rows) - len(missed)} of {len(matched)} CNNs"
+    )
+    details = [f"{cnn} ({'; '.join(misses)})" for cnn, misses in missed.items()]
+    details += [f"{cnn} (no SA model as accurate)" for cnn in unmatched]
+    return line + (f"; missed against {'; '.join(details)}." if details else ".")
+
+
+def _reductions_line(matched: list[dict], energy_method: str) -> str:
+    rows = [row for row in matched if row["sa"] is not None]
+    parts = []
+    figures = {"size": "size", "parameters": "parameters", "multiply-adds": "flops", "energy": "energy"}
+    for figure, key in figures.items():
+        values = [100 * (1 - row["vs_cnn_fp32"][key]) for row in rows if row["vs_cnn_fp32"][key] is not None]
+        low, high = PUBLISHED_RANGES[key]
+        measured = f"{min(values):.0f} to {max(values):.0f} %" if values else "n/a"
+        parts.append(f"{figure} {measured} (published {low}–{high} %)")
+    return (
+        "Reductions of SA int8 against each CNN in fp32 at matched accuracy (negative: SA costs more): "
+        + "; ".join(parts)
+        + f". Energy: {energy_method}."
+    )
+
+
+def readme_summary(report: dict, relative_to: str | os.PathLike = ".") -> str:
+    """The sweep's result for a README: the matched-accuracy table with the ratios a user compares, whether the
+    product's targets (:data:`TARGETS`) and the paper's published reductions hold, and the two front plots (linked
+    relative to the folder ``relative_to``)."""
+    threads, metric = report["reference_threads"], report["metric"]
+    machine = report["machine"]
+    methods = {fastest(row, p, threads)["energy_method"] for row in report["models"].values() for p in ("fp32", "int8")}
+    lines = [
+        f"Cheapest SA int8 model at matched accuracy ({metric} ≥ the CNN's − {report['tolerance']}), each model in "
+        f"its fastest mode, {threads} threads, {machine['cpu']} ({machine['logical_cpus']} logical CPUs); below 1 the "
+        "SA model is cheaper:",
+        "",
+        f"| CNN ({metric} fp32) | SA int8 ({metric}) | latency / CNN fp32 | latency / CNN int8 | energy / CNN fp32 "
+        "| energy / CNN int8 | multiply-adds | parameters | size (SA int8 / CNN fp32) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for row in report["matched"]:
+        cnn = f"{row['cnn']} ({row['cnn_metric']:.3f})"
+        if row["sa"] is None:
+            lines.append(f"| {cnn} | none |" + " |" * 7)
+            continue
+        fp32, int8 = row["vs_cnn_fp32"], row["vs_cnn_int8"]
+        ratios = [fp32["latency"], int8["latency"], fp32["energy"], int8["energy"]]
+        ratios += [fp32["flops"], fp32["parameters"], fp32["size"]]
+        cells = [cnn, f"{row['sa']} ({row['sa_metric']:.3f})"] + [_number(r, ".2f") + "x" for r in ratios]
+        lines.append("| " + " | ".join(cells) + " |")
+    plots = [Path(os.path.relpath(plot, relative_to)).as_posix() for plot in report["plots"]]
+    lines += [
+        "",
+        _targets_line(report["matched"]),
+        "",
+        _reductions_line(report["matched"], "; ".join(sorted(methods))),
+        "",
+        " ".join(f"![{metric} against {Path(plot).stem.split('_vs_')[1]}]({plot})" for plot in plots),
+    ]
+    return "\n".join(lines)
+
+
+def update_readme_with_sweep(readme: str | os.PathLike, report: dict) -> None:
+    """Replace the generated block ``<!-- sweep:<task> -->`` … ``<!-- /sweep:<task> -->`` of ``readme`` with
+    :func:`readme_summary`.
+
+    Raises:
+        ValueError: the markers are missing, naming the file.
+    """
+    summary = readme_summary(report, relative_to=Path(readme).resolve().parent)
+    replace_generated_block(readme, f"sweep:{report['task']}", summary)

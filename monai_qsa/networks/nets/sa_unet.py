@@ -191,13 +191,13 @@ class SADoubleUnit(nn.Sequential):
 
 
 class SAUpCat(nn.Module):
-    """Full decoder level: upsample by 2 with a transposed convolution, pad to the skip's size, concatenate, then
-    two units (:class:`SADoubleUnit`).
+    """Full decoder level: upsample by 2 with a 2x2(x2) transposed convolution of stride 2 (:func:`cell_upsample`),
+    pad to the skip's size, concatenate, then two units (:class:`SADoubleUnit`).
 
     Args:
         spatial_dims: 2 or 3.
         in_channels: channels of the coarser map.
-        skip_channels: channels of the skip; the transposed convolution outputs as many.
+        skip_channels: channels of the skip; the upsampling outputs as many.
         out_channels: output channels.
         kernel_size: attended neighbourhood or convolution kernel side length (odd).
         num_heads: attention heads.
@@ -288,12 +288,57 @@ class StridedStem(nn.Sequential):
         )
 
 
-class ResolutionRestore(nn.Module):
-    """Back from a strided stem's resolution to the input's: a transposed convolution (kernel = stride = the stem's
-    stride) to ``channels`` feature maps, cropped to the input size, concatenated with the input image itself (a
-    full-resolution skip that costs nothing to keep), then one 3x3(x3) convolution + norm + act.
+class PixelShuffleUpsample(nn.Module):
+    """2D upsampling by ``stride`` with the function of a transposed convolution whose kernel equals its stride,
+    computed as a 1x1 convolution to ``out_channels * stride ** 2`` channels followed by ``F.pixel_shuffle``.
 
-    The transposed convolution learns where within each ``stride``-sized cell a feature belongs (the sub-voxel
+    int8 quantisation (PT2E, x86 backend) computes the 1x1 convolution in int8 but left the transposed convolution
+    in fp32, on an fp32 copy of its input: at the full resolution of a strided stem that one layer took a third of
+    the int8 ``"s4_light_small"`` SAUNet's time at 512x512. Checkpoints saved with the transposed convolution
+    (``weight`` of shape ``[in, out, stride, stride]``, ``bias`` ``[out]``) load unchanged.
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        stride: the upsampling factor per axis.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.conv = nn.Conv2d(in_channels, out_channels * stride**2, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.pixel_shuffle(self.conv(x), self.stride)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
+        weight = state_dict.pop(f"{prefix}weight", None)
+        if weight is not None:  # a transposed convolution's: out[c, s*y + i] = sum_k x[k, y] * w[k, c, i] + b[c]
+            state_dict[f"{prefix}conv.weight"] = weight.permute(1, 2, 3, 0).reshape(-1, weight.shape[0], 1, 1)
+            bias = state_dict.pop(f"{prefix}bias", None)
+            if bias is not None:
+                state_dict[f"{prefix}conv.bias"] = bias.repeat_interleave(self.stride**2)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+
+def cell_upsample(spatial_dims: int, in_channels: int, out_channels: int, stride: int) -> nn.Module:
+    """Upsampling by ``stride`` that learns where within each ``stride``-sized cell a feature belongs: a transposed
+    convolution with kernel = stride, as :class:`PixelShuffleUpsample` in 2D (so that int8 computes it in int8).
+    In 3D it stays a ``ConvTranspose3d``: PyTorch has no 3D pixel shuffle, the permute + reshape that would
+    replace it makes ``torch.export`` fail for dynamic sizes, and 3D convolutions compute in fp32 under int8 anyway
+    unless ``int8_conv3d`` is chosen (see docs/quantization.md)."""
+    if spatial_dims == 2:
+        return PixelShuffleUpsample(in_channels, out_channels, stride)
+    return Conv[Conv.CONVTRANS, spatial_dims](in_channels, out_channels, kernel_size=stride, stride=stride)
+
+
+class ResolutionRestore(nn.Module):
+    """Back from a strided stem's resolution to the input's: a transposed convolution with kernel = stride = the
+    stem's stride (:func:`cell_upsample`) to ``channels`` feature maps, cropped to the input size,
+    concatenated with the input image itself (a full-resolution skip that costs nothing to keep), then one 3x3(x3)
+    convolution + norm + act.
+
+    The upsampling learns where within each ``stride``-sized cell a feature belongs (the sub-voxel
     placement MONAI's UNet also learns in its last, transposed, layer); the full-resolution convolution sees the
     image's own edges, which the strided stem averaged away, and aligns the boundaries to them. Bilinear upsampling
     of the logits would cost less but blurs boundaries; another level of attention or a full double unit at full
@@ -322,7 +367,7 @@ class ResolutionRestore(nn.Module):
         act: str | tuple,
     ) -> None:
         super().__init__()
-        self.upsample = Conv[Conv.CONVTRANS, spatial_dims](in_channels, channels, kernel_size=stride, stride=stride)
+        self.upsample = cell_upsample(spatial_dims, in_channels, channels, stride)
         self.refine = Convolution(spatial_dims, channels + image_channels, channels, kernel_size=3, norm=norm, act=act)
 
     def forward(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
