@@ -13,11 +13,11 @@ BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
 #: top-level settings both configs of a bundle use, which must therefore agree
 SHARED_SETTINGS = ("task", "axcodes", "pixdim", "image_size", "roi_size", "network_def")
 #: config paths in which sa_seg (2D) and sa_seg3d (3D) may differ: geometry, network, batch sizes, the 2D/3D
-#: augmentations, and the 2D label map squeezed to (H, W) for MONAI Label
+#: augmentations, the 2D label map squeezed to (H, W) for MONAI Label, and int8 3D convolutions (3D only)
 DIMENSION_SETTINGS = (
     "/axcodes", "/pixdim", "/roi_size", "/patch_size", "/network_def", "/task", "/num_epochs", "/val_interval",
     "/batch_size", "/train/random_transforms", "/validate/inferer/sw_batch_size", "/inferer/sw_batch_size",
-    "/postprocessing/transforms",
+    "/postprocessing/transforms", "/quantization/int8_conv3d",
 )  # fmt: skip
 
 

@@ -9,7 +9,7 @@ from monai.networks.nets import BasicUNet, UNet, resnet18
 from monai_qsa.networks import SAResNet, SAUNet, StandAloneSelfAttention
 from monai_qsa.quantization import load_quantized, quantize_ptq, save_quantized
 from monai_qsa.quantization.int8_conv3d import conv3d_int8_reference
-from monai_qsa.utils.compile import compile_for_cpu, run_mode
+from monai_qsa.utils.compile import compile_for_cpu, has_cpp_compiler, run_mode
 from monai_qsa.utils.complexity import serialized_size
 
 
@@ -141,6 +141,19 @@ def test_3d_convolutions_compute_in_int8(tmp_path, caplog):
         eager = quantize_ptq(net, [x], x, backend="x86_eager")
         assert "quantized" in type(eager.encoder[0][0].attn.qkv.module).__module__
         assert (eager(x) - reference).norm() / reference.norm() < 0.1
+
+
+def test_int8_3d_convolutions_compiled_under_inference_mode():
+    # freezing under torch.inference_mode folds the weight scales into inference tensors, which keep no version
+    # counter: the packed-weight cache must not ask them for one
+    net = SAUNet(spatial_dims=3, in_channels=1, out_channels=2, features=(8, 8), kernel_size=3, num_heads=2).eval()
+    x = torch.randn(1, 1, 8, 8, 8)
+    qmodel = quantize_ptq(net, [x], x, int8_conv3d=True)
+    compiled = compile_for_cpu(qmodel, freezing=True)
+    with torch.inference_mode():
+        out = compiled(x)
+        torch.testing.assert_close(out, qmodel(x), rtol=1e-3, atol=1e-3)
+    assert run_mode(compiled) == ("compiled" if has_cpp_compiler() else "eager")
 
 
 def test_3d_convolutions_weight_only_by_default(caplog):

@@ -343,6 +343,7 @@ def quantize_and_check(
     fp32_metric: float | None = None,
     fp32_metric_source: str = "given",
     backend: str = "x86_inductor",
+    int8_conv3d: bool = False,
     max_metric_drop: float = 0.01,
     max_calibration_patches: int | None = 32,
     num_calibration_batches: int | None = None,
@@ -379,6 +380,8 @@ def quantize_and_check(
         fp32_metric: the fp32 network's metric if already known; evaluated otherwise.
         fp32_metric_source: where ``fp32_metric`` comes from, for the report.
         backend: ``"x86_inductor"`` (deployable file) or ``"x86_eager"`` (no file: torch.export cannot capture it).
+        int8_conv3d: compute 3D convolutions in int8 (see :func:`~monai_qsa.quantization.quantize_ptq`): faster or
+            slower depending on the network, measure it (docs/quantization.md).
         max_metric_drop: largest accepted worsening of the metric, int8 vs fp32 (absolute, >= 0).
         max_calibration_patches: calibrate on at most this many network inputs (None: all windows of all cases).
         num_calibration_batches: read at most this many batches of ``calibration_data``.
@@ -417,7 +420,9 @@ def quantize_and_check(
         )
         report.calibration_patches = sum(len(batch) for batch in patches)
         logger.info(f"int8 quantisation ({backend}): calibrating on {report.calibration_patches} network inputs")
-        qmodel = stopwatch.time("calibration", lambda: quantize_ptq(network, patches, example, backend=backend))
+        qmodel = stopwatch.time(
+            "calibration", lambda: quantize_ptq(network, patches, example, backend=backend, int8_conv3d=int8_conv3d)
+        )
         # torch.ao eager int8 modules (x86_eager) are run as they are: that backend is for machines without a compiler
         int8_runner = compile_for_cpu(qmodel, freezing=True) if compile and backend == "x86_inductor" else qmodel
         fp32_runner = compile_for_cpu(network) if compile and (fp32_metric is None or latency_repeats) else network

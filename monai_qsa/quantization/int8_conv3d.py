@@ -52,11 +52,17 @@ def _onednn_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv3d_pointwise")
 
 
+def _version(tensor: torch.Tensor) -> int:
+    """The tensor's in-place modification count; 0 for inference tensors (made under ``torch.inference_mode``, e.g.
+    constants Inductor folds there), which cannot be modified and keep no count."""
+    return 0 if tensor.is_inference() else tensor._version
+
+
 def _packed_weight(weight: torch.Tensor, weight_scale: torch.Tensor, x_scale: float, x_zero_point: int,
                    stride: list[int], padding: list[int], dilation: list[int]) -> torch.Tensor:  # fmt: skip
     """``weight`` in oneDNN's packed layout, packed once per process and weight tensor."""
-    arguments = (x_scale, x_zero_point, tuple(stride), tuple(padding), tuple(dilation), weight._version,
-                 id(weight_scale), weight_scale._version)  # fmt: skip
+    arguments = (x_scale, x_zero_point, tuple(stride), tuple(padding), tuple(dilation), _version(weight),
+                 id(weight_scale), _version(weight_scale))  # fmt: skip
     key = id(weight)
     cached = _PACKED.get(key)
     if cached is None or cached[0]() is not weight or cached[1] != arguments:

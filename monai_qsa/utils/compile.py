@@ -10,12 +10,25 @@ import warnings
 import torch
 from torch import nn
 
-__all__ = ["compile_for_cpu", "CPU_COMPILE_OPTIONS", "CompiledForCPU", "find_compiler", "has_cpp_compiler", "run_mode"]
+__all__ = [
+    "compile_for_cpu",
+    "CPU_COMPILE_OPTIONS",
+    "RECOMPILE_LIMIT",
+    "CompiledForCPU",
+    "find_compiler",
+    "has_cpp_compiler",
+    "run_mode",
+]
 
 # Inductor's layout optimisation turns fp32 convolution outputs channels-last: the fused attention kernel then needs
 # a layout pass over every projection, and the PyTorch attention path reads each head's channels with a large stride
 # and vectorises badly (about 2x slower)
 CPU_COMPILE_OPTIONS = {"layout_optimization": False}
+#: graphs TorchDynamo may keep per Python function while one of our modules runs. Every loaded int8 model (an
+#: ``InferenceGraph`` around a graph module of a class of its own) and, for int8, every input shape adds one to
+#: ``InferenceGraph.forward``; past Dynamo's default of 8, a process that has loaded that many (a MONAI Label server
+#: after several training rounds, a benchmark) would silently run its next models eagerly
+RECOMPILE_LIMIT = 64
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +47,8 @@ class CompiledForCPU(nn.Module):
     """A module compiled by Inductor with :data:`CPU_COMPILE_OPTIONS` in force whenever it (re)compiles.
 
     The options are applied as an Inductor config patch around each call rather than through
-    ``torch.compile(options=...)``, because freezing, which int8 graphs need, only takes effect that way.
+    ``torch.compile(options=...)``, because freezing, which int8 graphs need, only takes effect that way; Dynamo's
+    recompile limit is raised to :data:`RECOMPILE_LIMIT` the same way.
 
     If Inductor fails to compile the module (e.g. oneDNN has no int8 kernel for one of its convolutions), one
     warning is given and the module runs eagerly from then on; ``eager_fallback`` then holds the reason.
@@ -66,7 +80,8 @@ class CompiledForCPU(nn.Module):
                 "(about a minute for int8 graphs), later ones run compiled."
             )
         try:
-            with torch._inductor.config.patch(self.options):
+            limit = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)
+            with torch._inductor.config.patch(self.options), limit:
                 return self._compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as error:
             self.eager_fallback = next((line for line in str(error).splitlines() if "Error" in line), str(error)[:200])
