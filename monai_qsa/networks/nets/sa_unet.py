@@ -324,9 +324,9 @@ class PixelShuffleUpsample(nn.Module):
 def cell_upsample(spatial_dims: int, in_channels: int, out_channels: int, stride: int) -> nn.Module:
     """Upsampling by ``stride`` that learns where within each ``stride``-sized cell a feature belongs: a transposed
     convolution with kernel = stride, as :class:`PixelShuffleUpsample` in 2D (so that int8 computes it in int8).
-    In 3D it stays a ``ConvTranspose3d``: PyTorch has no 3D pixel shuffle, the permute + reshape that would
-    replace it makes ``torch.export`` fail for dynamic sizes, and 3D convolutions compute in fp32 under int8 anyway
-    unless ``int8_conv3d`` is chosen (see docs/quantization.md)."""
+    In 3D it stays a ``ConvTranspose3d``, which int8 keeps in fp32 with int8 weights (also with ``int8_conv3d``):
+    PyTorch has no 3D pixel shuffle, and the permute + reshape that would replace it makes ``torch.export`` fail for
+    dynamic sizes (see docs/networks.md)."""
     if spatial_dims == 2:
         return PixelShuffleUpsample(in_channels, out_channels, stride)
     return Conv[Conv.CONVTRANS, spatial_dims](in_channels, out_channels, kernel_size=stride, stride=stride)
