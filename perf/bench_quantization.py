@@ -13,9 +13,7 @@ Inputs are random (latency does not depend on the values); calibration uses 2 ra
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import tempfile
 import time
 import warnings
@@ -23,6 +21,7 @@ import warnings
 import torch
 from monai.networks.nets import BasicUNet
 
+from monai_qsa.benchmark.tasks import sa_network_def
 from monai_qsa.bundle import bundle_dir
 from monai_qsa.networks import SAUNet
 from monai_qsa.networks.blocks.local_attention_int8 import (
@@ -34,7 +33,7 @@ from monai_qsa.quantization import quantize_ptq, save_quantized
 from monai_qsa.utils.compile import compile_for_cpu
 from monai_qsa.utils.complexity import count_flops, count_parameters, serialized_size
 from monai_qsa.utils.cpu import cpu_model
-from monai_qsa.utils.timing import median_seconds as median_wall_seconds
+from monai_qsa.utils.timing import median_seconds as timed_median
 
 #: input shape of each case and the bundle whose SAUNet it times (against BasicUNet's default)
 CASES = {"2d": ((1, 1, 256, 256), "sa_seg"), "3d": ((1, 1, 96, 96, 96), "sa_seg3d")}
@@ -42,7 +41,7 @@ CASES = {"2d": ((1, 1, 256, 256), "sa_seg"), "3d": ((1, 1, 96, 96, 96), "sa_seg3
 
 def bundle_saunet(bundle: str) -> SAUNet:
     """The SAUNet of ``bundle``'s ``train.json`` (its ``network_def``), in eval mode."""
-    definition = json.loads((bundle_dir(bundle) / "configs" / "train.json").read_text())["network_def"]
+    definition = sa_network_def(bundle_dir(bundle))
     return SAUNet(**{key: value for key, value in definition.items() if key != "_target_"}).eval()
 
 
@@ -69,16 +68,8 @@ _clock = "wall"
 
 def median_seconds(fn, repeats: int, warmup: int) -> float:
     """Median time of ``fn()`` over ``repeats`` calls after ``warmup`` calls, on the chosen clock (``CLOCKS``)."""
-    if _clock == "wall" or torch.get_num_threads() > 1:
-        return median_wall_seconds(fn, repeats, warmup=warmup)
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.thread_time()
-        fn()
-        times.append(time.thread_time() - start)
-    return statistics.median(times)
+    thread_clock = _clock == "thread" and torch.get_num_threads() == 1
+    return timed_median(fn, repeats, warmup, time.thread_time if thread_clock else time.perf_counter)
 
 
 def int8_peak_ops_per_second(repeats: int) -> float:

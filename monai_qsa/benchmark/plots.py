@@ -12,6 +12,23 @@ LABELS = {"cnn_fp32": "CNN fp32", "cnn_int8": "CNN int8", "sa_fp32": "SA fp32", 
 _COLOURS = {"cnn_fp32": "tab:blue", "cnn_int8": "tab:cyan", "sa_fp32": "tab:red", "sa_int8": "tab:orange"}
 
 
+def _save_log_x(figure, axes, xlabel: str, ylabel: str, title: str, path: Path, title_size: float | None = None):
+    """Label the axes (x logarithmic: CNN and SA, fp32 and int8 differ by orders of magnitude), add grid and legend,
+    write ``path`` and close the figure; returns ``path``."""
+    import matplotlib.pyplot as plt
+
+    axes.set_xscale("log")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, **({} if title_size is None else {"fontsize": title_size}))
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
 def _scatter(report: dict, value: str, xlabel: str, path: Path) -> Path:
     """Task metric (mean ± std over seeds) against a per-case timing value, one marker per model and thread count."""
     import matplotlib.pyplot as plt
@@ -31,16 +48,8 @@ def _scatter(report: dict, value: str, xlabel: str, path: Path) -> Path:
                 color=_COLOURS[key],
                 label=f"{LABELS[key]}, {threads} thr",
             )
-    axes.set_xscale("log")  # CNN and SA, fp32 and int8 differ by orders of magnitude
-    axes.set_xlabel(xlabel)
-    axes.set_ylabel(f"{report['metric']} (validation)")
-    axes.set_title(f"{report['task']}: {report['metric']} vs {xlabel.split(' (')[0]}")
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    title = f"{report['task']}: {report['metric']} vs {xlabel.split(' (')[0]}"
+    return _save_log_x(figure, axes, xlabel, f"{report['metric']} (validation)", title, path)
 
 
 def _size_bars(report: dict, path: Path) -> Path:
@@ -110,13 +119,4 @@ def write_front_plot(
         xs, ys = [p[cost] for p in front], [p["metric"] for p in front]
         axes.step(xs, ys, where="post", color="black", linewidth=1, label="Pareto front")
         axes.scatter(xs, ys, s=120, facecolors="none", edgecolors="black")
-    axes.set_xscale("log")
-    axes.set_xlabel(xlabel)
-    axes.set_ylabel(f"{metric} (validation)")
-    axes.set_title(title, fontsize=9)
-    axes.grid(alpha=0.3)
-    axes.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-    return path
+    return _save_log_x(figure, axes, xlabel, f"{metric} (validation)", title, path, title_size=9)

@@ -263,11 +263,17 @@ def _end_to_end_table(report: dict) -> list[str]:
     return lines
 
 
+def _energy_methods(report: dict) -> set[str]:
+    """How the energy figures of the compared (fastest) modes were obtained."""
+    threads = report["reference_threads"]
+    return {fastest(row, p, threads)["energy_method"] for row in report["models"].values() for p in ("fp32", "int8")}
+
+
 def markdown_sweep_report(report: dict) -> str:
     """``report.md``: the models, the fronts, the matched-accuracy table, the end-to-end timing and the method."""
     machine, threads = report["machine"], report["reference_threads"]
     stopping = report["early_stopping"]
-    methods = {fastest(row, p, threads)["energy_method"] for row in report["models"].values() for p in ("fp32", "int8")}
+    methods = _energy_methods(report)
     fronts = [f"- {COSTS[cost]}: " + " → ".join(front) for cost, front in report["fronts"].items()]
     return "\n".join(
         [
@@ -348,7 +354,7 @@ def _misses(row: dict) -> list[str]:
 
 def _targets_line(matched: list[dict]) -> str:
     rows = [row for row in matched if row["sa"] is not None]
-    missed = {row["cnn"]: _misses(row) for row in rows if _misses(row)}
+    missed = {row["cnn"]: misses for row in rows if (misses := _misses(row))}
     unmatched = [row["cnn"] for row in matched if row["sa"] is None]
     line = (
         f"Target (SA int8 latency and energy ≤ {TARGETS['fp32']}x the CNN's fp32 and ≤ {TARGETS['int8']}x its int8, "
@@ -381,7 +387,6 @@ def readme_summary(report: dict, relative_to: str | os.PathLike = ".") -> str:
     relative to the folder ``relative_to``)."""
     threads, metric = report["reference_threads"], report["metric"]
     machine = report["machine"]
-    methods = {fastest(row, p, threads)["energy_method"] for row in report["models"].values() for p in ("fp32", "int8")}
     lines = [
         f"Cheapest SA int8 model at matched accuracy ({metric} ≥ the CNN's − {report['tolerance']}), each model in "
         f"its fastest mode, {threads} threads, {machine['cpu']} ({machine['logical_cpus']} logical CPUs); below 1 the "
@@ -406,7 +411,7 @@ def readme_summary(report: dict, relative_to: str | os.PathLike = ".") -> str:
         "",
         _targets_line(report["matched"]),
         "",
-        _reductions_line(report["matched"], "; ".join(sorted(methods))),
+        _reductions_line(report["matched"], "; ".join(sorted(_energy_methods(report)))),
         "",
         " ".join(f"![{metric} against {Path(plot).stem.split('_vs_')[1]}]({plot})" for plot in plots),
     ]
