@@ -169,14 +169,21 @@ def test_3d_convolutions_weight_only_by_default(caplog):
 
 
 @pytest.mark.parametrize(
-    "stride, padding, dilation", [([1, 1, 1], [1, 1, 1], [1, 1, 1]), ([2, 1, 2], [0, 2, 1], [1, 2, 1])]
+    "kernel, stride, padding, dilation, zero_point",
+    [
+        (3, [1, 1, 1], [1, 1, 1], [1, 1, 1], 120),
+        (3, [2, 1, 2], [0, 2, 1], [1, 2, 1], 0),
+        (1, [1, 1, 1], [0, 0, 0], [1, 1, 1], 0),  # computed as a 2D convolution of the (D*H, W) plane
+        (1, [1, 1, 1], [0, 0, 0], [2, 1, 1], 37),
+        (1, [2, 2, 1], [0, 0, 0], [1, 1, 1], 0),  # strided: a 3D convolution
+    ],
 )
-def test_conv3d_int8_matches_its_reference(stride, padding, dilation):
+def test_conv3d_int8_matches_its_reference(kernel, stride, padding, dilation, zero_point):
     """oneDNN's int32 sums are exact; the fp32 reference sums the same exact products in another order."""
     x = torch.randint(0, 256, (2, 5, 7, 9, 8), dtype=torch.uint8)
-    weight = torch.randint(-127, 128, (6, 5, 3, 3, 3), dtype=torch.int8)
+    weight = torch.randint(-127, 128, (6, 5, kernel, kernel, kernel), dtype=torch.int8)
     weight_scale, bias = torch.rand(6) / 100 + 1e-3, torch.randn(6)
-    args = (x, 0.02, 120, weight, weight_scale, bias, stride, padding, dilation)
+    args = (x, 0.02, zero_point, weight, weight_scale, bias, stride, padding, dilation)
     out = torch.ops.monai_qsa.conv3d_int8(*args)
     expected = conv3d_int8_reference(*args)
     assert out.shape == expected.shape and out.is_contiguous(memory_format=torch.channels_last_3d)

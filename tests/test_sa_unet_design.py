@@ -10,6 +10,7 @@ from monai.bundle import ConfigParser
 from torch import nn
 
 from monai_qsa.networks.blocks import SAUnit
+from monai_qsa.networks.blocks.pixel_shuffle import pixel_shuffle_3d, pixel_unshuffle_3d
 from monai_qsa.networks.nets import SAUNET_PRESETS, SAUNet
 from monai_qsa.networks.nets.sa_unet import LightUp, PixelShuffleUpsample, ResolutionRestore, SAUpCat
 from monai_qsa.quantization import load_quantized, quantize_ptq, save_quantized
@@ -48,8 +49,7 @@ def _levels(preset: str) -> int:
 
 @pytest.mark.parametrize("dims,shape,kwargs", [(2, (2, 1, 33, 30), {}), (3, (1, 2, 11, 12, 9), {"kernel_size": 3})])
 def test_default_unchanged(committed_saunet, dims, shape, kwargs):
-    """The default design computes the original network's function, and the original's checkpoints load into it
-    (in 2D its transposed convolutions are now :class:`PixelShuffleUpsample`: same function, other layout)."""
+    """The default design computes the original network's function, and the original's checkpoints load into it."""
     committed = committed_saunet(dims, shape[1], 3, **kwargs).eval()
     for net in (SAUNet(dims, shape[1], 3, **kwargs), SAUNet(dims, shape[1], 3, preset="classic", **kwargs)):
         net.load_state_dict(committed.state_dict())
@@ -58,14 +58,29 @@ def test_default_unchanged(committed_saunet, dims, shape, kwargs):
             torch.testing.assert_close(net.eval()(x), committed(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dims", [2, 3])
 @pytest.mark.parametrize("stride", [2, 4])
-def test_pixel_shuffle_upsample_is_a_transposed_convolution(stride):
-    transposed = nn.ConvTranspose2d(6, 5, kernel_size=stride, stride=stride)
-    upsample = PixelShuffleUpsample(6, 5, stride)
+def test_pixel_shuffle_upsample_is_a_transposed_convolution(stride, dims):
+    transposed = (nn.ConvTranspose2d, nn.ConvTranspose3d)[dims - 2](6, 5, kernel_size=stride, stride=stride)
+    upsample = PixelShuffleUpsample(6, 5, stride, spatial_dims=dims)
     upsample.load_state_dict(transposed.state_dict())
-    x = torch.randn(2, 6, 7, 5)
+    x = torch.randn((2, 6, 7, 5, 3)[: dims + 2])
     with torch.no_grad():
         torch.testing.assert_close(upsample(x), transposed(x), rtol=1e-5, atol=1e-6)
+
+
+def test_pixel_shuffle_3d_places_each_channel_in_its_cell_and_has_a_gradient():
+    x = torch.randn(2, 2 * 8, 3, 1, 2, dtype=torch.float64, requires_grad=True)
+    out = pixel_shuffle_3d(x, 2)
+    assert out.shape == (2, 2, 6, 2, 4)
+    for i, j, k in itertools.product(range(2), repeat=3):  # channel c * 8 + (i * 2 + j) * 2 + k -> offset (i, j, k)
+        torch.testing.assert_close(out[:, :, i::2, j::2, k::2], x[:, (i * 2 + j) * 2 + k :: 8])
+    torch.testing.assert_close(pixel_unshuffle_3d(out, 2), x)
+    assert torch.autograd.gradcheck(lambda t: pixel_shuffle_3d(t, 2), (x,))
+    with pytest.raises(ValueError, match="divisible by 8"):
+        pixel_shuffle_3d(torch.zeros(1, 12, 2, 2, 2), 2)
+    with pytest.raises(ValueError, match="stride must be a positive int"):
+        pixel_shuffle_3d(torch.zeros(1, 8, 2, 2, 2), 0)
 
 
 @pytest.mark.parametrize("dims", [2, 3])

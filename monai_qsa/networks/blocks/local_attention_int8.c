@@ -317,32 +317,13 @@ static block_fn block_function(int path) {
     }
 }
 
-/* Returns 0 on success, 1 if scratch memory could not be allocated, 2 if this CPU does not run `path`
- * (PATH_BEST: the fastest it runs). */
-int monai_qsa_local_attention_int8(const int8_t *q8, const uint8_t *k8, const int8_t *v4, const int8_t *rel8,
-                                   float *out, float alpha, float beta, float v_scale, int64_t bh_count, int64_t d,
-                                   int64_t D, int64_t H, int64_t W, int kd, int kh, int kw, int dilation, int path,
-                                   int num_threads) {
-    if (path == PATH_BEST) path = monai_qsa_int8_best_path();
-    if (!monai_qsa_int8_path_supported(path)) return 2;
+/* The attention of the quantised buffers (layouts at the top of this file; rel8_table: (axes, groups, LANES, 4),
+ * see quantize_table) on `path`. Returns 0, or 1 if scratch memory could not be allocated. */
+static int attend_quantized(const problem_t *p, int path, int64_t bh_count, int num_threads) {
     const block_fn attend = block_function(path);
-    const int64_t groups = (d + 3) / 4, axes = kd + kh + kw;
-    problem_t p = {q8, v4, k8, NULL, out, alpha, beta, v_scale, d, groups, D, H, W, 0, 0, 0, 0, kd, kh, kw, dilation};
-    p.padded_H = H + (int64_t)dilation * (kh - 1);
-    p.padded_W = W + (int64_t)dilation * (kw - 1);
-    p.plane = D * H * W;
-    p.padded_plane = (D + (int64_t)dilation * (kd - 1)) * p.padded_H * p.padded_W;
-    uint8_t *table = (uint8_t *)malloc((size_t)(axes * groups * 4 * LANES));
-    if (table == NULL) return 1;
-    for (int64_t a = 0; a < axes; a++) /* channels past d: 128 (their queries are 0) */
-        for (int64_t g = 0; g < groups; g++)
-            for (int x = 0; x < LANES; x++)
-                for (int t = 0; t < 4; t++)
-                    table[((a * groups + g) * LANES + x) * 4 + t] =
-                        (uint8_t)((4 * g + t < d ? rel8[a * d + 4 * g + t] : 0) + KEY_OFFSET);
-    p.table = table;
-    const int64_t blocks_per_row = (W + BLOCK - 1) / BLOCK, items = bh_count * D * H * blocks_per_row;
-    const int64_t neighbours = (int64_t)kd * kh * kw, pairs = (int64_t)kd * kh * ((kw + 3) / 4);
+    const int64_t blocks_per_row = (p->W + BLOCK - 1) / BLOCK, items = bh_count * p->D * p->H * blocks_per_row;
+    const int64_t axes = p->kd + p->kh + p->kw, neighbours = (int64_t)p->kd * p->kh * p->kw,
+                  pairs = (int64_t)p->kd * p->kh * ((p->kw + 3) / 4);
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
@@ -353,12 +334,11 @@ int monai_qsa_local_attention_int8(const int8_t *q8, const uint8_t *k8, const in
         for (int64_t item = 0; item < items; item++) {
             if (failed) continue;
             const int64_t row = item / blocks_per_row, x0 = (item % blocks_per_row) * BLOCK;
-            const int64_t y = row % H, z = (row / H) % D, bh = row / (H * D);
-            attend(&p, &s, bh, z, y, x0, (int)(W - x0 < BLOCK ? W - x0 : BLOCK));
+            const int64_t y = row % p->H, z = (row / p->H) % p->D, bh = row / (p->H * p->D);
+            attend(p, &s, bh, z, y, x0, (int)(p->W - x0 < BLOCK ? p->W - x0 : BLOCK));
         }
         free(vectors);
     }
-    free(table);
     return failed;
 }
 
@@ -419,10 +399,9 @@ static void quantize_row(const float *row, int64_t next_row, int64_t s_part, int
  * need no filling beforehand): each image row is quantised into channel-major byte rows (quantize_row), then packed
  * into 4-byte words by loops over positions that vectorise. Returns 1 if scratch memory could not be allocated,
  * else 0. */
-int monai_qsa_int8_split_quantize(const float *qkv, const int64_t *strides, int64_t batch, int64_t heads, int64_t d,
-                                  int64_t D, int64_t H, int64_t W, int64_t pz, int64_t py, int64_t px,
-                                  int64_t dilation, float q_scale, float k_scale, float v_scale, int8_t *q8,
-                                  uint8_t *k8, int8_t *v4, int num_threads) {
+static int split_quantize(const float *qkv, const int64_t *strides, int64_t batch, int64_t heads, int64_t d, int64_t D,
+                          int64_t H, int64_t W, int64_t pz, int64_t py, int64_t px, int64_t dilation, float q_scale,
+                          float k_scale, float v_scale, int8_t *q8, uint8_t *k8, int8_t *v4, int num_threads) {
     /* strides: batch, part (q/k/v), channel within the part (heads * d), depth, height, width */
     const int64_t s_batch = strides[0], s_part = strides[1], s_channel = strides[2], s_z = strides[3],
                   s_y = strides[4], s_x = strides[5];
@@ -487,4 +466,75 @@ int monai_qsa_int8_split_quantize(const float *qkv, const int64_t *strides, int6
         free(bytes);
     }
     return failed;
+}
+
+/* The relative-position table (dims, k, d) fp32 as the kernel reads it: int8 with its own symmetric scale
+ * (largest magnitude / 127, 1 for an all-zero table; as local_attention_int8_reference computes it), rows (kd + kh
+ * + kw) with a zero depth row for 2D, + 128, the 4 bytes of each channel group repeated in every lane; channels past
+ * d 128 (their queries are 0). Returns the scale (in double, as the reference's), or -1 for a non-finite value. */
+static double quantize_table(const float *table, int dims, int kernel_size, int64_t d, int64_t groups,
+                             uint8_t *rel8_table) {
+    const int64_t count = (int64_t)dims * kernel_size * d;
+    float amax = 0.f;
+    for (int64_t i = 0; i < count; i++) {
+        const float magnitude = table[i] < 0 ? -table[i] : table[i];
+        if (!(magnitude <= 3.402823466e38f)) return -1; /* inf or nan */
+        amax = magnitude > amax ? magnitude : amax;
+    }
+    const double scale = amax > 0 ? (double)amax / 127.0 : 1.0;
+    const float inverse = 1.f / (float)scale;
+    const int64_t missing = 3 - dims; /* 2D: one zero row for the single depth offset */
+    for (int64_t a = 0; a < missing + (int64_t)dims * kernel_size; a++)
+        for (int64_t g = 0; g < groups; g++)
+            for (int t = 0; t < 4; t++) {
+                const int64_t channel = 4 * g + t;
+                const int32_t value =
+                    a < missing || channel >= d ? 0 : (int32_t)quantize(table[(a - missing) * d + channel], inverse);
+                for (int x = 0; x < LANES; x++)
+                    rel8_table[((a * groups + g) * LANES + x) * 4 + t] = (uint8_t)(value + KEY_OFFSET);
+            }
+    return scale;
+}
+
+/* The int8 attention of an fp32 projection (B, 3, heads, d, *S), of any strides (strides: batch, part, channel within
+ * the part, depth, height, width; depth 0 for 2D), and its fp32 relative-position table (dims, kernel_size, d),
+ * contiguous, into out (B, heads, d, *S), contiguous: quantises the projection (split_quantize, scales q_scale,
+ * k_scale, v_scale) and the table (quantize_table), then attends on `path`. alpha = scale q_scale k_scale;
+ * scaled_q = scale q_scale, in double, so that beta = scaled_q table_scale is rounded once, as in the reference.
+ * Returns 0 on success, 1 if memory could not be allocated, 2 if this CPU does not run `path` (PATH_BEST: the
+ * fastest it runs), 3 if the table holds a value that is not finite. */
+int monai_qsa_local_attention_int8(const float *qkv, const int64_t *strides, const float *table, float *out,
+                                   float alpha, double scaled_q, float q_scale, float k_scale, float v_scale,
+                                   int64_t batch, int64_t heads, int64_t d, int64_t D, int64_t H, int64_t W, int dims,
+                                   int kernel_size, int dilation, int path, int num_threads) {
+    if (path == PATH_BEST) path = monai_qsa_int8_best_path();
+    if (!monai_qsa_int8_path_supported(path)) return 2;
+    const int kd = dims == 3 ? kernel_size : 1, half = dilation * (kernel_size - 1) / 2;
+    const int64_t pz = dims == 3 ? half : 0, groups = (d + 3) / 4, axes = kd + 2 * kernel_size, bh = batch * heads;
+    problem_t p = {NULL, NULL, NULL, NULL, out, alpha, 0.f, v_scale, d, groups, D, H, W, 0, 0, 0, 0, kd,
+                   kernel_size, kernel_size, dilation};
+    p.padded_H = H + 2 * half;
+    p.padded_W = W + 2 * half;
+    p.plane = D * H * W;
+    p.padded_plane = (D + 2 * pz) * p.padded_H * p.padded_W;
+    /* + 64 bytes each: the last vector step of a row reads up to 15 positions of 4 bytes past it */
+    int8_t *q8 = (int8_t *)malloc((size_t)(bh * groups * p.plane * 4 + 64));
+    uint8_t *k8 = (uint8_t *)malloc((size_t)(bh * groups * p.padded_plane * 4 + 64));
+    int8_t *v4 = (int8_t *)malloc((size_t)(bh * d * p.padded_plane * 4 + 64));
+    uint8_t *rel8_table = (uint8_t *)malloc((size_t)(axes * groups * LANES * 4));
+    int status = q8 == NULL || k8 == NULL || v4 == NULL || rel8_table == NULL;
+    if (status == 0) {
+        const double table_scale = quantize_table(table, dims, kernel_size, d, groups, rel8_table);
+        status = table_scale < 0 ? 3 : 0;
+        p.beta = (float)(scaled_q * table_scale);
+    }
+    if (status == 0)
+        status = split_quantize(qkv, strides, batch, heads, d, D, H, W, pz, half, half, dilation, q_scale, k_scale,
+                                v_scale, q8, k8, v4, num_threads);
+    if (status == 0) {
+        p.q8 = q8, p.k8 = k8, p.v4 = v4, p.table = rel8_table;
+        status = attend_quantized(&p, path, bh, num_threads);
+    }
+    free(q8), free(k8), free(v4), free(rel8_table);
+    return status;
 }

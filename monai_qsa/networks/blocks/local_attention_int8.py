@@ -36,7 +36,6 @@ from monai_qsa.networks.blocks.local_attention import (
     _check_status,
     _forward_macs,
     _kernel_shape,
-    _kernel_table,
     _thread_count,
     check_attention_arguments,
     compiled_library,
@@ -57,8 +56,6 @@ _SOURCE = Path(__file__).with_name("local_attention_int8.c")
 INT8_ATTENTION_PATHS = {"auto": 0, "scalar": 1, "avx2": 2, "avx_vnni": 3, "avx512_vnni": 4, "torch": None}
 PATH_VARIABLE = "MONAI_QSA_INT8_ATTENTION_PATH"
 _KERNEL_NAME = "monai_qsa int8 local attention kernel"
-#: bytes readable past the end of the kernel's byte buffers: 16 positions of 4 bytes
-_SLACK = 64
 #: the C kernel keeps the queries of up to this many channels per head in registers (MAX_GROUPS 64 of 4 channels)
 _MAX_HEAD_CHANNELS = 256
 #: largest magnitude of a quantised value: symmetric int8, -128 unused so that negation is exact
@@ -140,14 +137,11 @@ def _library() -> ctypes.CDLL | None:
     library.monai_qsa_int8_path_supported.argtypes = [ctypes.c_int]
     library.monai_qsa_int8_path_supported.restype = ctypes.c_int
     attend = library.monai_qsa_local_attention_int8
-    attend.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_float] * 3 + [ctypes.c_int64] * 5 + [ctypes.c_int] * 6
-    attend.restype = ctypes.c_int
-    split = library.monai_qsa_int8_split_quantize
-    split.argtypes = (
-        [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)] + [ctypes.c_int64] * 10 + [ctypes.c_float] * 3
-        + [ctypes.c_void_p] * 3 + [ctypes.c_int]
+    attend.argtypes = (
+        [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
+         ctypes.c_double] + [ctypes.c_float] * 3 + [ctypes.c_int64] * 6 + [ctypes.c_int] * 5
     )  # fmt: skip
-    split.restype = ctypes.c_int
+    attend.restype = ctypes.c_int
     return library
 
 
@@ -174,48 +168,30 @@ def _requested_path() -> str:
     return path
 
 
-def _with_slack(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised byte tensor of ``shape`` followed by ``_SLACK`` bytes that the kernel's 16-position vector
-    steps may read (never use) past the end of the last row."""
-    numel = torch.Size(shape).numel()
-    return torch.empty(numel + _SLACK, dtype=dtype)[:numel].view(shape)
-
-
 def _run_kernel(library: ctypes.CDLL, path: int, qkv: torch.Tensor, table: torch.Tensor, kernel_size: int,
                 dilation: int, scale: float, scales: tuple[float, float, float]) -> torch.Tensor:  # fmt: skip
-    """Quantise and lay out the projection (one C pass), then run the attention kernel on path number ``path``;
-    ``scales``: the int8 scales of queries, keys and values."""
+    """Run the C kernel on path number ``path``: one call quantises the projection and the table and attends
+    (the per-call cost matters: the coarse levels of a network are a few hundred positions); ``scales``: the int8
+    scales of queries, keys and values."""
     dims = table.shape[0]
     batch, _, heads, head_channels, *spatial = qkv.shape
-    groups = (head_channels + 3) // 4  # channels in groups of 4 bytes: one int32 lane of vpdpbusd
     if qkv.stride(2) != head_channels * qkv.stride(3):  # heads and their channels not one evenly strided axis
         qkv = qkv.contiguous()
-    (depth, height, width), neighbourhood = _kernel_shape(dims, spatial, kernel_size)
-    half = neighbourhood_padding(kernel_size, dilation)
-    pad_z = 0 if dims == 2 else half
-    padded = (depth + 2 * pad_z, height + 2 * half, width + 2 * half)
-    # the C pass writes every byte (padding included): no filling here
-    q8 = _with_slack((batch * heads, groups, depth, height, width, 4), torch.int8)
-    k8 = _with_slack((batch * heads, groups, *padded, 4), torch.uint8)  # keys + 128: 128 is int8 zero
-    v4 = _with_slack((batch * heads, head_channels, *padded, 4), torch.int8)
+    (depth, height, width), _ = _kernel_shape(dims, spatial, kernel_size)
     spatial_strides = ([0] + list(qkv.stride()[4:])) if dims == 2 else list(qkv.stride()[4:])
     strides = (ctypes.c_int64 * 6)(qkv.stride(0), qkv.stride(1), qkv.stride(3), *spatial_strides)
-    threads = _thread_count(qkv, kernel_size)
-    status = library.monai_qsa_int8_split_quantize(
-        qkv.data_ptr(), strides, batch, heads, head_channels, depth, height, width, pad_z, half, half, dilation,
-        *scales, q8.data_ptr(), k8.data_ptr(), v4.data_ptr(), threads,
-    )  # fmt: skip
-    _check_status(status, _KERNEL_NAME)
-    table_scale = _table_scale(table)
-    rel8 = quantize_symmetric(_kernel_table(table), table_scale)  # 2D: depth 1 to the kernel, one zero depth offset
+    table = table.contiguous()
     out = qkv.new_empty((batch, heads, head_channels, *spatial))
+    q_scale, k_scale, v_scale = scales
     status = library.monai_qsa_local_attention_int8(
-        q8.data_ptr(), k8.data_ptr(), v4.data_ptr(), rel8.data_ptr(), out.data_ptr(), scale * scales[0] * scales[1],
-        scale * scales[0] * table_scale, scales[2], batch * heads, head_channels, depth, height, width,
-        *neighbourhood, dilation, path, threads,
+        qkv.data_ptr(), strides, table.data_ptr(), out.data_ptr(), scale * q_scale * k_scale, scale * q_scale,
+        q_scale, k_scale, v_scale, batch, heads, head_channels, depth, height, width, dims, kernel_size, dilation,
+        path, _thread_count(qkv, kernel_size),
     )  # fmt: skip
     if status == 2:
         raise RuntimeError(f"{_KERNEL_NAME}: this CPU cannot run path number {path}.")
+    if status == 3:
+        raise ValueError(f"{_KERNEL_NAME}: the relative-position table holds a value that is not finite.")
     _check_status(status, _KERNEL_NAME)
     return out
 

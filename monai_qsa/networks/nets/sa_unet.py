@@ -11,6 +11,7 @@ from monai.networks.layers.factories import Conv, Pool
 from torch import nn
 
 from monai_qsa.networks.arguments import records_arguments
+from monai_qsa.networks.blocks.pixel_shuffle import pixel_shuffle_3d
 from monai_qsa.networks.blocks.sa_unit import SAUnit
 
 __all__ = ["SAUNet", "SAUNET_PRESETS"]
@@ -191,8 +192,9 @@ class SADoubleUnit(nn.Sequential):
 
 
 class SAUpCat(nn.Module):
-    """Full decoder level: upsample by 2 with a 2x2(x2) transposed convolution of stride 2 (:func:`cell_upsample`),
-    pad to the skip's size, concatenate, then two units (:class:`SADoubleUnit`).
+    """Full decoder level: upsample by 2 with a 2x2(x2) transposed convolution of stride 2 (kept as in the original
+    network, whose training it shapes; int8 computes it in fp32), pad to the skip's size, concatenate, then two units
+    (:class:`SADoubleUnit`).
 
     Args:
         spatial_dims: 2 or 3.
@@ -289,52 +291,51 @@ class StridedStem(nn.Sequential):
 
 
 class PixelShuffleUpsample(nn.Module):
-    """2D upsampling by ``stride`` with the function of a transposed convolution whose kernel equals its stride,
-    computed as a 1x1 convolution to ``out_channels * stride ** 2`` channels followed by ``F.pixel_shuffle``.
+    """Upsampling by ``stride`` that learns where within each ``stride``-sized cell a feature belongs: the function of
+    a transposed convolution whose kernel equals its stride, computed as a 1x1(x1) convolution to
+    ``out_channels * stride ** spatial_dims`` channels followed by a pixel shuffle (``F.pixel_shuffle`` in 2D,
+    :func:`~monai_qsa.networks.blocks.pixel_shuffle.pixel_shuffle_3d` in 3D).
 
-    int8 quantisation (PT2E, x86 backend) computes the 1x1 convolution in int8 but left the transposed convolution
-    in fp32, on an fp32 copy of its input: at the full resolution of a strided stem that one layer took a third of
-    the int8 ``"s4_light_small"`` SAUNet's time at 512x512. Checkpoints saved with the transposed convolution
-    (``weight`` of shape ``[in, out, stride, stride]``, ``bias`` ``[out]``) load unchanged.
+    int8 quantisation computes the 1x1(x1) convolution in int8 (in 3D with ``int8_conv3d``) but leaves transposed
+    convolutions in fp32, on an fp32 copy of the input: at the full resolution of a strided stem that one layer took
+    a third of the int8 ``"s4_light_small"`` SAUNet's time at 512x512 (2D). In 3D PyTorch's own transposed
+    convolution of kernel = stride = 4 is slow in fp32 as well (2.3 ms for 16 -> 4 channels from 12x12x12, 0.3 ms
+    this way; 2 threads). Checkpoints saved with the transposed convolution (``weight`` of shape
+    ``[in, out, *(stride,) * spatial_dims]``, ``bias`` ``[out]``) load unchanged.
 
     Args:
         in_channels: input channels.
         out_channels: output channels.
         stride: the upsampling factor per axis.
+        spatial_dims: 2 or 3.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+    def __init__(self, in_channels: int, out_channels: int, stride: int, spatial_dims: int = 2) -> None:
         super().__init__()
         self.stride = stride
-        self.conv = nn.Conv2d(in_channels, out_channels * stride**2, kernel_size=1)
+        self.conv = Conv[Conv.CONV, spatial_dims](in_channels, out_channels * stride**spatial_dims, kernel_size=1)
+        self.spatial_dims = spatial_dims
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.pixel_shuffle(self.conv(x), self.stride)
+        if self.spatial_dims == 2:
+            return F.pixel_shuffle(self.conv(x), self.stride)
+        return pixel_shuffle_3d(self.conv(x), self.stride)
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args, **kwargs) -> None:
         weight = state_dict.pop(f"{prefix}weight", None)
         if weight is not None:  # a transposed convolution's: out[c, s*y + i] = sum_k x[k, y] * w[k, c, i] + b[c]
-            state_dict[f"{prefix}conv.weight"] = weight.permute(1, 2, 3, 0).reshape(-1, weight.shape[0], 1, 1)
+            dims = weight.ndim - 2
+            cells_first = weight.permute(1, *range(2, 2 + dims), 0)  # (out, *cell offsets, in)
+            state_dict[f"{prefix}conv.weight"] = cells_first.reshape(-1, weight.shape[0], *(1,) * dims)
             bias = state_dict.pop(f"{prefix}bias", None)
             if bias is not None:
-                state_dict[f"{prefix}conv.bias"] = bias.repeat_interleave(self.stride**2)
+                state_dict[f"{prefix}conv.bias"] = bias.repeat_interleave(self.stride**dims)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
-
-def cell_upsample(spatial_dims: int, in_channels: int, out_channels: int, stride: int) -> nn.Module:
-    """Upsampling by ``stride`` that learns where within each ``stride``-sized cell a feature belongs: a transposed
-    convolution with kernel = stride, as :class:`PixelShuffleUpsample` in 2D (so that int8 computes it in int8).
-    In 3D it stays a ``ConvTranspose3d``, which int8 keeps in fp32 with int8 weights (also with ``int8_conv3d``):
-    PyTorch has no 3D pixel shuffle, and the permute + reshape that would replace it makes ``torch.export`` fail for
-    dynamic sizes (see docs/networks.md)."""
-    if spatial_dims == 2:
-        return PixelShuffleUpsample(in_channels, out_channels, stride)
-    return Conv[Conv.CONVTRANS, spatial_dims](in_channels, out_channels, kernel_size=stride, stride=stride)
 
 
 class ResolutionRestore(nn.Module):
     """Back from a strided stem's resolution to the input's: a transposed convolution with kernel = stride = the
-    stem's stride (:func:`cell_upsample`) to ``channels`` feature maps, cropped to the input size,
+    stem's stride (:class:`PixelShuffleUpsample`) to ``channels`` feature maps, cropped to the input size,
     concatenated with the input image itself (a full-resolution skip that costs nothing to keep), then one 3x3(x3)
     convolution + norm + act.
 
@@ -367,7 +368,7 @@ class ResolutionRestore(nn.Module):
         act: str | tuple,
     ) -> None:
         super().__init__()
-        self.upsample = cell_upsample(spatial_dims, in_channels, channels, stride)
+        self.upsample = PixelShuffleUpsample(in_channels, channels, stride, spatial_dims)
         self.refine = Convolution(spatial_dims, channels + image_channels, channels, kernel_size=3, norm=norm, act=act)
 
     def forward(self, x: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
