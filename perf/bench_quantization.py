@@ -49,7 +49,7 @@ def bundle_saunet(bundle: str) -> SAUNet:
 #: channels, heads, kernel size
 ATTENTION_CASES = {"attention-2d": (2, (128, 128), 64, 4, 7), "attention-3d": (3, (32, 32, 32), 32, 2, 5)}
 #: the int8 engine step by step: PT2E alone (fp32 attention, 3D convolutions computed in fp32), + the int8
-#: attention, + int8 3D convolutions (the default of quantize_ptq); each compiled with freezing
+#: attention, + int8 3D convolutions (``int8_conv3d=True``, as sa_seg3d quantises); each compiled with freezing
 PT2E_FORM = "int8 x86_inductor compiled"
 INT8_ATTENTION_FORM = "int8 + int8 attention compiled"
 INT8_ENGINE_FORM = "int8 + int8 attention + int8 conv3d compiled"

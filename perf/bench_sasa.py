@@ -5,8 +5,8 @@ compiler, and for attention maps), an unfold (im2col) implementation of the same
 convolution it replaces; one thread, eager and compiled.
 
 Training: one step (forward, backward of a mean-square loss) of the layer (fused C kernel and its backward pass),
-of its PyTorch-operations path and of the dense convolutions it replaces, and of the sa_seg-sized SAUNet against
-MONAI's UNet with the same channels; 1 and 2 threads.
+of its PyTorch-operations path and of the dense convolutions it replaces, and of the bundles' SAUNets (sa_seg,
+sa_seg3d, at their training batch and patch sizes) against MONAI's UNet with the same channels; 1 and 2 threads.
 
 Prints medians and ratios measured in this run.
 
@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from monai.networks.nets import UNet
 
+from monai_qsa.benchmark.tasks import sa_network_def
+from monai_qsa.bundle import bundle_dir
 from monai_qsa.networks.blocks import StandAloneSelfAttention
 from monai_qsa.networks.blocks.local_attention import relative_logits, relative_position_table
 from monai_qsa.networks.nets import SAUNet
@@ -111,6 +113,12 @@ def inference_benchmarks(repeats: int) -> None:
             )
 
 
+def bundle_saunet(bundle: str) -> SAUNet:
+    """The SAUNet of ``bundle``'s ``train.json`` (its ``network_def``)."""
+    definition = sa_network_def(bundle_dir(bundle))
+    return SAUNet(**{key: value for key, value in definition.items() if key != "_target_"})
+
+
 def training_step(module: torch.nn.Module, x: torch.Tensor):
     """One training step of ``module`` on ``x`` (forward, mean-square loss, backward), as a callable."""
 
@@ -126,7 +134,7 @@ def training_cases() -> dict[str, tuple[torch.Tensor, dict[str, torch.nn.Module]
     torch.manual_seed(0)
     sasa_2d = StandAloneSelfAttention(2, 64, 64, kernel_size=7, num_heads=8)
     sasa_3d = StandAloneSelfAttention(3, 32, 32, kernel_size=5, num_heads=8)
-    features = (16, 32, 64, 128)  # the sa_seg bundle's network
+    features = (16, 32, 64, 128)  # the bundles' networks' channels
     return {
         "2D 2x64x64x64 k=7": (
             torch.randn(2, 64, 64, 64),
@@ -144,15 +152,20 @@ def training_cases() -> dict[str, tuple[torch.Tensor, dict[str, torch.nn.Module]
             {"sasa": sasa_3d, "conv 5x5x5": torch.nn.Conv3d(32, 32, 5, padding=2)},
             "conv 5x5x5",
         ),
-        "sa_seg SAUNet 4x1x64x64": (
-            torch.randn(4, 1, 64, 64),
+        "sa_seg SAUNet 8x1x64x64": (
+            torch.randn(8, 1, 64, 64),
             {
-                "SAUNet k=5": SAUNet(2, 1, 2, features=features, kernel_size=5, num_heads=4),
-                **{
-                    f"{preset} k=5": SAUNet(2, 1, 2, features=features, kernel_size=5, num_heads=4, preset=preset)
-                    for preset in ("s2_light", "s4_light")
-                },
+                "classic k=5": SAUNet(2, 1, 2, features=features, kernel_size=5, num_heads=4),
+                "sa_seg network": bundle_saunet("sa_seg"),
                 "MONAI UNet": UNet(2, 1, 2, channels=features, strides=(2, 2, 2)),
+            },
+            "MONAI UNet",
+        ),
+        "sa_seg3d SAUNet 4x1x32^3": (
+            torch.randn(4, 1, 32, 32, 32),
+            {
+                "sa_seg3d network": bundle_saunet("sa_seg3d"),
+                "MONAI UNet": UNet(3, 1, 2, channels=features, strides=(2, 2, 2)),
             },
             "MONAI UNet",
         ),

@@ -61,10 +61,19 @@ def test_default_unchanged(committed_saunet, dims, shape, kwargs):
 @pytest.mark.parametrize("dims", [2, 3])
 @pytest.mark.parametrize("stride", [2, 4])
 def test_pixel_shuffle_upsample_is_a_transposed_convolution(stride, dims):
+    """The same function, initialised by the same random draws (so networks train as they did), and the transposed
+    convolution's checkpoints load."""
+    x = torch.randn((2, 6, 7, 5, 3)[: dims + 2])
+    torch.manual_seed(5)
     transposed = (nn.ConvTranspose2d, nn.ConvTranspose3d)[dims - 2](6, 5, kernel_size=stride, stride=stride)
+    next_draw = torch.rand(1)
+    torch.manual_seed(5)
+    upsample = PixelShuffleUpsample(6, 5, stride, spatial_dims=dims)
+    assert torch.equal(torch.rand(1), next_draw)
+    with torch.no_grad():
+        torch.testing.assert_close(upsample(x), transposed(x), rtol=1e-5, atol=1e-6)
     upsample = PixelShuffleUpsample(6, 5, stride, spatial_dims=dims)
     upsample.load_state_dict(transposed.state_dict())
-    x = torch.randn((2, 6, 7, 5, 3)[: dims + 2])
     with torch.no_grad():
         torch.testing.assert_close(upsample(x), transposed(x), rtol=1e-5, atol=1e-6)
 

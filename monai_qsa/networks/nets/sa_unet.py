@@ -192,9 +192,8 @@ class SADoubleUnit(nn.Sequential):
 
 
 class SAUpCat(nn.Module):
-    """Full decoder level: upsample by 2 with a 2x2(x2) transposed convolution of stride 2 (kept as in the original
-    network, whose training it shapes; int8 computes it in fp32), pad to the skip's size, concatenate, then two units
-    (:class:`SADoubleUnit`).
+    """Full decoder level: upsample by 2 with the function of a 2x2(x2) transposed convolution of stride 2
+    (:class:`PixelShuffleUpsample`), pad to the skip's size, concatenate, then two units (:class:`SADoubleUnit`).
 
     Args:
         spatial_dims: 2 or 3.
@@ -221,7 +220,7 @@ class SAUpCat(nn.Module):
         stage_type: str = "sa",
     ) -> None:
         super().__init__()
-        self.upsample = Conv[Conv.CONVTRANS, spatial_dims](in_channels, skip_channels, kernel_size=2, stride=2)
+        self.upsample = PixelShuffleUpsample(in_channels, skip_channels, 2, spatial_dims)
         self.attend = SADoubleUnit(
             spatial_dims, 2 * skip_channels, out_channels, kernel_size, num_heads, norm, act, stage_type
         )
@@ -300,8 +299,9 @@ class PixelShuffleUpsample(nn.Module):
     convolutions in fp32, on an fp32 copy of the input: at the full resolution of a strided stem that one layer took
     a third of the int8 ``"s4_light_small"`` SAUNet's time at 512x512 (2D). In 3D PyTorch's own transposed
     convolution of kernel = stride = 4 is slow in fp32 as well (2.3 ms for 16 -> 4 channels from 12x12x12, 0.3 ms
-    this way; 2 threads). Checkpoints saved with the transposed convolution (``weight`` of shape
-    ``[in, out, *(stride,) * spatial_dims]``, ``bias`` ``[out]``) load unchanged.
+    this way; 2 threads). It is initialised as the transposed convolution (the same random draws, rearranged), and
+    checkpoints saved with one (``weight`` of shape ``[in, out, *(stride,) * spatial_dims]``, ``bias`` ``[out]``)
+    load unchanged.
 
     Args:
         in_channels: input channels.
@@ -313,8 +313,13 @@ class PixelShuffleUpsample(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int, spatial_dims: int = 2) -> None:
         super().__init__()
         self.stride = stride
-        self.conv = Conv[Conv.CONV, spatial_dims](in_channels, out_channels * stride**spatial_dims, kernel_size=1)
         self.spatial_dims = spatial_dims
+        conv = Conv[Conv.CONV, spatial_dims]
+        self.conv = torch.nn.utils.skip_init(conv, in_channels, out_channels * stride**spatial_dims, kernel_size=1)
+        # initialised as the transposed convolution it computes (same distribution, same random draws): a network
+        # trains as it did with the transposed convolution
+        transposed = Conv[Conv.CONVTRANS, spatial_dims](in_channels, out_channels, kernel_size=stride, stride=stride)
+        self.load_state_dict(transposed.state_dict())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.spatial_dims == 2:
