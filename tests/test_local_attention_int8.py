@@ -187,6 +187,16 @@ def test_bad_scale_is_a_clear_error(argument, value):
         )
 
 
+@pytest.mark.parametrize("path", ["auto", "scalar", "torch"])
+def test_table_that_is_not_finite_is_a_clear_error(path, monkeypatch):
+    """The C kernel quantises the table itself (its own scale, as the PyTorch function does): a NaN or infinity there,
+    which a model file can hold, is refused by every path."""
+    qkv, table, *arguments = attention_problem(*CASES[2])
+    table[0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        run(path, monkeypatch, (qkv, table, *arguments))
+
+
 def test_unknown_path_is_a_clear_error(monkeypatch):
     with pytest.raises(ValueError, match=f"{PATH_VARIABLE}='avx9'"):
         run("avx9", monkeypatch, attention_problem(*CASES[2]))

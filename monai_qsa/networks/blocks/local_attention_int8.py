@@ -125,7 +125,7 @@ def local_attention_int8_reference(
 def _table_scale(table: torch.Tensor) -> float:
     """The int8 scale of the relative-position table, from its own largest magnitude (1 for an all-zero table)."""
     amax = float(table.detach().abs().max()) if table.numel() else 0.0
-    return symmetric_scale(amax) if amax > 0 else 1.0
+    return 1.0 if amax == 0 else symmetric_scale(amax)  # NaN and infinity: ValueError, as in the C kernel
 
 
 @functools.cache
