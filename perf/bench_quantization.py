@@ -23,7 +23,7 @@ from monai.networks.nets import BasicUNet
 
 from monai_qsa.benchmark.tasks import sa_network_def
 from monai_qsa.bundle import bundle_dir
-from monai_qsa.networks import SAUNet
+from monai_qsa.models import build_network
 from monai_qsa.networks.blocks.local_attention_int8 import (
     PATH_VARIABLE,
     int8_attention_paths,
@@ -37,12 +37,6 @@ from monai_qsa.utils.timing import median_seconds as timed_median
 
 #: input shape of each case and the bundle whose SAUNet it times (against BasicUNet's default)
 CASES = {"2d": ((1, 1, 256, 256), "sa_seg"), "3d": ((1, 1, 96, 96, 96), "sa_seg3d")}
-
-
-def bundle_saunet(bundle: str) -> SAUNet:
-    """The SAUNet of ``bundle``'s ``train.json`` (its ``network_def``), in eval mode."""
-    definition = sa_network_def(bundle_dir(bundle))
-    return SAUNet(**{key: value for key, value in definition.items() if key != "_target_"}).eval()
 
 
 #: the attention operator alone, at the first SA level of SAUNet in each case above: spatial_dims, image size,
@@ -185,7 +179,7 @@ def main() -> None:
         shape, bundle = CASES[case]
         dims = len(shape) - 2
         x = torch.randn(shape)
-        nets = {"SAUNet": bundle_saunet(bundle)}
+        nets = {"SAUNet": build_network(sa_network_def(bundle_dir(bundle))).eval()}
         if not args.saunet_only:
             nets["BasicUNet"] = BasicUNet(dims, 1, 2).eval()
         medians: dict[tuple[str, str, int], float] = {}

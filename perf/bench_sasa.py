@@ -24,6 +24,7 @@ from monai.networks.nets import UNet
 
 from monai_qsa.benchmark.tasks import sa_network_def
 from monai_qsa.bundle import bundle_dir
+from monai_qsa.models import build_network
 from monai_qsa.networks.blocks import StandAloneSelfAttention
 from monai_qsa.networks.blocks.local_attention import relative_logits, relative_position_table
 from monai_qsa.networks.nets import SAUNet
@@ -113,12 +114,6 @@ def inference_benchmarks(repeats: int) -> None:
             )
 
 
-def bundle_saunet(bundle: str) -> SAUNet:
-    """The SAUNet of ``bundle``'s ``train.json`` (its ``network_def``)."""
-    definition = sa_network_def(bundle_dir(bundle))
-    return SAUNet(**{key: value for key, value in definition.items() if key != "_target_"})
-
-
 def training_step(module: torch.nn.Module, x: torch.Tensor):
     """One training step of ``module`` on ``x`` (forward, mean-square loss, backward), as a callable."""
 
@@ -156,7 +151,7 @@ def training_cases() -> dict[str, tuple[torch.Tensor, dict[str, torch.nn.Module]
             torch.randn(8, 1, 64, 64),
             {
                 "classic k=5": SAUNet(2, 1, 2, features=features, kernel_size=5, num_heads=4),
-                "sa_seg network": bundle_saunet("sa_seg"),
+                "sa_seg network": build_network(sa_network_def(bundle_dir("sa_seg"))),
                 "MONAI UNet": UNet(2, 1, 2, channels=features, strides=(2, 2, 2)),
             },
             "MONAI UNet",
@@ -164,7 +159,7 @@ def training_cases() -> dict[str, tuple[torch.Tensor, dict[str, torch.nn.Module]
         "sa_seg3d SAUNet 4x1x32^3": (
             torch.randn(4, 1, 32, 32, 32),
             {
-                "sa_seg3d network": bundle_saunet("sa_seg3d"),
+                "sa_seg3d network": build_network(sa_network_def(bundle_dir("sa_seg3d"))),
                 "MONAI UNet": UNet(3, 1, 2, channels=features, strides=(2, 2, 2)),
             },
             "MONAI UNet",

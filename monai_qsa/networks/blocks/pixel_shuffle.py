@@ -13,21 +13,20 @@ import torch
 __all__ = ["pixel_shuffle_3d", "pixel_unshuffle_3d"]
 
 
-def _check(operator: str, x: torch.Tensor, stride: int, channels_multiple: int) -> None:
-    """Raise ``ValueError`` unless ``x`` is 5-D with channels divisible by ``channels_multiple`` and ``stride``
-    is a positive int (a model file chooses them)."""
+def _check(operator: str, x: torch.Tensor, stride: int, cells_in_channels: bool) -> None:
+    """Raise ``ValueError`` unless ``stride`` is a positive int and ``x`` is 5-D, with channels divisible by
+    ``stride ** 3`` when ``cells_in_channels`` (a model file chooses them)."""
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
         raise ValueError(f"monai_qsa.{operator}: stride must be a positive int, got {stride!r}.")
-    if x.ndim != 5 or x.shape[1] % channels_multiple:
-        raise ValueError(
-            f"monai_qsa.{operator}: x must be (B, C, D, H, W) with C divisible by {channels_multiple}, "
-            f"got shape {tuple(x.shape)}."
-        )
+    multiple = stride**3 if cells_in_channels else 1
+    if x.ndim != 5 or x.shape[1] % multiple:
+        channels = f" with C divisible by {multiple}" if cells_in_channels else ""
+        raise ValueError(f"monai_qsa.{operator}: x must be (B, C, D, H, W){channels}, got shape {tuple(x.shape)}.")
 
 
 def pixel_unshuffle_3d(x: torch.Tensor, stride: int) -> torch.Tensor:
     """The inverse of :func:`pixel_shuffle_3d`: ``(B, C, D * s, H * s, W * s)`` to ``(B, C * s ** 3, D, H, W)``."""
-    _check("pixel_unshuffle_3d", x, stride, 1)
+    _check("pixel_unshuffle_3d", x, stride, cells_in_channels=False)
     batch, channels, depth, height, width = x.shape
     if depth % stride or height % stride or width % stride:
         raise ValueError(f"monai_qsa.pixel_unshuffle_3d: sizes {tuple(x.shape[2:])} must be divisible by {stride}.")
@@ -44,7 +43,7 @@ def pixel_shuffle_3d(x: torch.Tensor, stride: int) -> torch.Tensor:
     Raises:
         ValueError: ``x`` not 5-D, channels not divisible by ``stride ** 3``, or ``stride`` not a positive int.
     """
-    _check("pixel_shuffle_3d", x, stride, stride**3 if isinstance(stride, int) and stride > 0 else 1)
+    _check("pixel_shuffle_3d", x, stride, cells_in_channels=True)
     batch, channels, depth, height, width = x.shape
     cells = x.reshape(batch, channels // stride**3, stride, stride, stride, depth, height, width)
     out = x.new_empty((batch, channels // stride**3, depth * stride, height * stride, width * stride))
@@ -55,7 +54,7 @@ def pixel_shuffle_3d(x: torch.Tensor, stride: int) -> torch.Tensor:
 
 @pixel_shuffle_3d.register_fake
 def _(x: torch.Tensor, stride: int) -> torch.Tensor:
-    _check("pixel_shuffle_3d", x, stride, stride**3 if isinstance(stride, int) and stride > 0 else 1)
+    _check("pixel_shuffle_3d", x, stride, cells_in_channels=True)
     batch, channels, depth, height, width = x.shape
     return x.new_empty((batch, channels // stride**3, depth * stride, height * stride, width * stride))
 
