@@ -78,7 +78,8 @@ class PostTrainingQuantizationHandler:
         artifact_name: file name of the int8 model.
         report_name: file name of the JSON report.
         latency_repeats: timed runs of one network input per latency median; 0 turns timing off.
-        compile: evaluate and time through ``compile_for_cpu`` (the deployed way) rather than eagerly.
+        compile: time the latency through ``compile_for_cpu`` (the deployed way) rather than eagerly (the metrics
+            are evaluated eagerly either way).
         metadata: extra entries stored in the artifact (e.g. labels).
         image_key: input key of dict batches.
         prefix: prefix of the names put into ``engine.state.metrics``.

@@ -361,7 +361,7 @@ def quantize_and_check(
     1. calibrates on at most ``max_calibration_patches`` network inputs (:func:`calibration_patches`); the export
        example is the centre patch of the first case (:func:`network_input`),
     2. evaluates int8 once, and fp32 once unless ``fp32_metric`` is given (e.g. the last validation of the same
-       weights),
+       weights), both eagerly,
     3. counts parameters, FLOPs (multiply-accumulates of one network input), fp32 ``state_dict`` and int8 sizes,
        and times one network input fp32 vs int8 (``latency_repeats`` runs; 0 turns timing off),
     4. accepts int8 if it is worse than fp32 by at most ``max_metric_drop``, and writes it as
@@ -386,8 +386,9 @@ def quantize_and_check(
         max_calibration_patches: calibrate on at most this many network inputs (None: all windows of all cases).
         num_calibration_batches: read at most this many batches of ``calibration_data``.
         latency_repeats: timed runs per latency median; 0 skips timing.
-        compile: evaluate and time through :func:`monai_qsa.utils.compile.compile_for_cpu` (the deployed way; adds
-            compilation time) rather than eagerly.
+        compile: time the latency through :func:`monai_qsa.utils.compile.compile_for_cpu` (the deployed way; adds
+            compilation time) rather than eagerly. Both metrics are evaluated eagerly either way: compiling changes
+            no arithmetic but the rounding of int8 requantisations, and int8 graphs compile once per input shape.
         artifact_name: file name of the int8 model.
         report_name: file name of the JSON report.
         metadata: extra entries stored in the artifact (e.g. labels).
@@ -423,21 +424,27 @@ def quantize_and_check(
         qmodel = stopwatch.time(
             "calibration", lambda: quantize_ptq(network, patches, example, backend=backend, int8_conv3d=int8_conv3d)
         )
-        # torch.ao eager int8 modules (x86_eager) are run as they are: that backend is for machines without a compiler
-        int8_runner = compile_for_cpu(qmodel, freezing=True) if compile and backend == "x86_inductor" else qmodel
-        fp32_runner = compile_for_cpu(network) if compile and (fp32_metric is None or latency_repeats) else network
         report.fp32_metric_source = fp32_metric_source if fp32_metric is not None else "evaluated"
         logger.info(f"int8 quantisation: calibrated in {stopwatch.seconds['calibration']:.0f} s")
+        # evaluated as they are, not compiled: compiling changes no arithmetic of the fp32 network and, in int8, only
+        # the rounding of requantisations, but int8 graphs compile once per input shape, i.e. per batch size of the
+        # evaluation's sliding windows (sa_seg: 9.6 s of compiling for a 0.1 s evaluation)
         if fp32_metric is None:
-            logger.info("int8 quantisation: evaluating the fp32 model" + (" (compiling it first)" if compile else ""))
-            fp32_metric = stopwatch.time("fp32_evaluation", lambda: evaluate(fp32_runner))
-        logger.info("int8 quantisation: evaluating the int8 model" + (" (compiling it first)" if compile else ""))
-        int8_metric = stopwatch.time("int8_evaluation", lambda: evaluate(int8_runner))
+            logger.info("int8 quantisation: evaluating the fp32 model")
+            fp32_metric = stopwatch.time("fp32_evaluation", lambda: evaluate(network))
+        logger.info("int8 quantisation: evaluating the int8 model")
+        int8_metric = stopwatch.time("int8_evaluation", lambda: evaluate(qmodel))
         _decide(report, float(fp32_metric), float(int8_metric))
         report.parameters, report.flops = count_parameters(network), count_flops(network, example[:1])
         report.fp32_state_dict_bytes = serialized_size(network)
         if latency_repeats:
-            logger.info(f"int8 quantisation: timing one network input {latency_repeats} times per model")
+            logger.info(
+                f"int8 quantisation: timing one network input {latency_repeats} times per model"
+                + (" (compiling both first)" if compile else "")
+            )
+            # torch.ao eager int8 modules (x86_eager) run as they are: that backend is for machines without a compiler
+            int8_runner = compile_for_cpu(qmodel, freezing=True) if compile and backend == "x86_inductor" else qmodel
+            fp32_runner = compile_for_cpu(network) if compile else network
             warmup = 2 if compile else 1  # compiled: the first call compiles, the second may specialise
             report.latency = stopwatch.time(
                 "latency", lambda: _latency(example[:1], fp32_runner, int8_runner, latency_repeats, warmup)

@@ -83,6 +83,16 @@ SAUNET_PRESETS: dict[str, dict] = {
         "stage_types": "sa",
         "decoder": "light",
     },
+    # s4_light_small one level shallower (attention at 1/4, 1/8 and 1/16; the fewest operators) with one head: at
+    # 8 channels the softmax over the neighbours, not the channels' dot products, is most of the attention's work
+    "s4_light_tiny": {
+        "features": (8, 16, 32),
+        "kernel_size": 7,
+        "num_heads": 1,
+        "stem_stride": 4,
+        "stage_types": "sa",
+        "decoder": "light",
+    },
 }
 
 #: what each design argument resolves to without a preset: the classic SAUNet
