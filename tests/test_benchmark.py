@@ -13,7 +13,7 @@ from monai_qsa.__main__ import main
 from monai_qsa.benchmark.measure import load_network
 from monai_qsa.benchmark.report import PUBLISHED_RANGES, update_readme
 from monai_qsa.benchmark.tasks import BENCHMARK_TASKS, cnn_network_def, default_bundle_dir
-from monai_qsa.benchmark.train import trained_run
+from monai_qsa.benchmark.train import EarlyStopping, trained_run
 from monai_qsa.data import make_synthetic_dataset
 from monai_qsa.utils.complexity import count_flops, count_parameters, serialized_size
 
@@ -94,16 +94,17 @@ def test_rerun_reuses_matching_training_only(tiny_benchmark, tmp_path):
     run_dir = output / "runs" / "sa" / "seed0"
     network = report["networks"]["sa"]
     assert (
-        trained_run(run_dir, bundle, data, network, 0, 1, False)["fp32_metric"]
+        trained_run(run_dir, bundle, data, network, 0, 1)["fp32_metric"]
         == report["models"]["sa_fp32"]["metric"]["mean"]
     )
-    assert trained_run(run_dir, bundle, data, network, 0, 2, False) is None  # other epochs: train again
-    assert trained_run(run_dir, bundle, data, network, 1, 1, False) is None  # other seed
-    assert trained_run(run_dir, bundle, data, network, 0, 1, True) is None  # int8 evaluated compiled
+    assert trained_run(run_dir, bundle, data, network, 0, 2) is None  # other epochs: train again
+    assert trained_run(run_dir, bundle, data, network, 1, 1) is None  # other seed
+    stopping = EarlyStopping(patience=2, val_interval=1)
+    assert trained_run(run_dir, bundle, data, network, 0, 1, stopping) is None  # early stopping now
     failed = tmp_path / "failed"
     shutil.copytree(run_dir, failed)
     (failed / "models" / "quantization_report.json").write_text(json.dumps({"error": "ValueError: boom"}))
-    assert trained_run(failed, bundle, data, network, 0, 1, False) is None  # a failed int8 step is redone
+    assert trained_run(failed, bundle, data, network, 0, 1) is None  # a failed int8 step is redone
 
 
 def test_update_readme_replaces_only_its_block(tiny_benchmark, tmp_path):

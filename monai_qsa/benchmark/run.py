@@ -162,7 +162,7 @@ def run_benchmark(
         for model in MODELS:
             run_dir = output / "runs" / model / f"seed{seed}"
             bar.set_postfix_str(f"train {model} seed {seed}")
-            arguments = (bundle, dataset, definitions[model], seed, epochs, compile)
+            arguments = (bundle, dataset, definitions[model], seed, epochs)
             earlier = None if retrain else trained_run(run_dir, *arguments)
             reports[model][seed] = earlier or train_and_quantize(run_dir, *arguments)
             bar.update()

@@ -161,7 +161,6 @@ def _sweep_model(model: SweepModel, settings: _Settings, bar) -> dict:
         model.network_def,
         settings.seed,
         settings.max_epochs,
-        settings.compile,
     )
     bar.set_postfix_str(f"train {model.name}")
     earlier = None if settings.retrain else trained_run(run_dir, *arguments, stopping=settings.stopping)
@@ -245,8 +244,8 @@ def run_sweep(
         tolerance: the matched-accuracy table takes SA int8 models whose Dice is at least a CNN's minus this.
         volume_shape: size of the synthetic clinical-size volume timed end to end (default 256x256x128 in 3D, 512x512
             in 2D, 1 mm voxels); an empty sequence skips the end-to-end timing.
-        compile: time fp32 eager, fp32 compiled and int8 compiled (:data:`TIMING_MODES`) and check the int8 model
-            compiled; False (no C++ compiler, quick runs): fp32 and int8 eager only.
+        compile: time fp32 eager, fp32 compiled and int8 compiled (:data:`TIMING_MODES`); False (no C++ compiler,
+            quick runs): fp32 and int8 eager only.
         retrain: train again even where a finished run with the same settings exists.
         retime: time again even where a timing of the same model file with the same settings exists.
         bundle_dir: bundle holding the training and inference recipe (default: the shipped bundle for ``task``).

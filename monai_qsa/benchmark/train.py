@@ -53,7 +53,6 @@ def _settings(
     network_def: dict,
     seed: int,
     epochs: int,
-    compile_int8: bool,
     stopping: EarlyStopping | None,
 ) -> dict:
     return {
@@ -62,7 +61,6 @@ def _settings(
         "network_def": network_def,
         "seed": seed,
         "epochs": epochs,
-        "compile_int8": compile_int8,
         "early_stopping": asdict(stopping) if stopping else None,
     }
 
@@ -74,7 +72,6 @@ def trained_run(
     network_def: dict,
     seed: int,
     epochs: int,
-    compile_int8: bool = True,
     stopping: EarlyStopping | None = None,
 ) -> dict | None:
     """The quantisation report of an earlier training in ``run_dir`` with the same settings whose int8 step
@@ -82,14 +79,14 @@ def trained_run(
     report, settings = run_dir / "models" / REPORT, run_dir / SETTINGS
     if not ((run_dir / "models" / "model.pt").is_file() and report.is_file() and settings.is_file()):
         return None
-    expected = _settings(bundle_dir, dataset_dir, network_def, seed, epochs, compile_int8, stopping)
+    expected = _settings(bundle_dir, dataset_dir, network_def, seed, epochs, stopping)
     if json.loads(settings.read_text()) != expected:
         return None
     finished = json.loads(report.read_text())
     return None if finished.get("error") else finished
 
 
-def _overrides(run_dir: Path, dataset_dir: Path, network_def: dict, seed: int, epochs: int, compile_int8: bool) -> dict:
+def _overrides(run_dir: Path, dataset_dir: Path, network_def: dict, seed: int, epochs: int) -> dict:
     return {
         "ckpt_dir": str(run_dir / "models"),
         "log_dir": str(run_dir / "logs"),
@@ -98,7 +95,6 @@ def _overrides(run_dir: Path, dataset_dir: Path, network_def: dict, seed: int, e
         "num_epochs": epochs,
         "resume": False,
         "initialize": [f"$monai.utils.set_determinism(seed={seed})"],
-        "quantization#compile": compile_int8,
         "quantization#latency_repeats": 0,  # the benchmark times every model itself
     }
 
@@ -134,7 +130,6 @@ def train_and_quantize(
     network_def: dict,
     seed: int,
     epochs: int,
-    compile_int8: bool = True,
     stopping: EarlyStopping | None = None,
 ) -> dict:
     """Train ``network_def`` with the bundle's training recipe, then quantise the best checkpoint.
@@ -148,7 +143,6 @@ def train_and_quantize(
         network_def: bundle-style network config (``_target_`` and arguments).
         seed: seed for ``monai.utils.set_determinism``.
         epochs: training epochs (the most, with ``stopping``).
-        compile_int8: evaluate the int8 model compiled (the deployed path) rather than eagerly.
         stopping: stop early when validation stops improving; None trains all ``epochs``.
 
     Returns:
@@ -170,14 +164,14 @@ def train_and_quantize(
         logging_file=False,
         workflow_type="train",
         bundle_root=str(bundle_dir),
-        **_overrides(run_dir, dataset_dir, network_def, seed, epochs, compile_int8),
+        **_overrides(run_dir, dataset_dir, network_def, seed, epochs),
     )
     _adapt_handlers(workflow.parser, stopping)
     workflow.initialize()
     workflow.run()
     epochs_run = int(workflow.trainer.state.epoch)
     workflow.finalize()
-    settings = _settings(bundle_dir, dataset_dir, network_def, seed, epochs, compile_int8, stopping)
+    settings = _settings(bundle_dir, dataset_dir, network_def, seed, epochs, stopping)
     (run_dir / SETTINGS).write_text(json.dumps(settings, indent=2))
     record = {"epochs_run": epochs_run, "seconds": round(time.perf_counter() - began, 1)}
     (run_dir / RECORD).write_text(json.dumps(record, indent=2))

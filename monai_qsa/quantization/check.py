@@ -388,7 +388,7 @@ def quantize_and_check(
         latency_repeats: timed runs per latency median; 0 skips timing.
         compile: time the latency through :func:`monai_qsa.utils.compile.compile_for_cpu` (the deployed way; adds
             compilation time) rather than eagerly. Both metrics are evaluated eagerly either way: compiling changes
-            no arithmetic but the rounding of int8 requantisations, and int8 graphs compile once per input shape.
+            the results by rounding only, and int8 graphs compile once per input shape.
         artifact_name: file name of the int8 model.
         report_name: file name of the JSON report.
         metadata: extra entries stored in the artifact (e.g. labels).
@@ -426,9 +426,10 @@ def quantize_and_check(
         )
         report.fp32_metric_source = fp32_metric_source if fp32_metric is not None else "evaluated"
         logger.info(f"int8 quantisation: calibrated in {stopwatch.seconds['calibration']:.0f} s")
-        # evaluated as they are, not compiled: compiling changes no arithmetic of the fp32 network and, in int8, only
-        # the rounding of requantisations, but int8 graphs compile once per input shape, i.e. per batch size of the
-        # evaluation's sliding windows (sa_seg: 9.6 s of compiling for a 0.1 s evaluation)
+        # evaluated as they are, not compiled: compiling changes the results by rounding only (fused fp32 arithmetic,
+        # int8 requantisations), but int8 graphs compile once per input shape, i.e. per batch size of the
+        # evaluation's sliding windows (sa_seg: 9.6 s of compiling for a 0.16 s evaluation). Deployment compiles;
+        # a graph Inductor cannot compile then runs eagerly with one warning (CompiledForCPU)
         if fp32_metric is None:
             logger.info("int8 quantisation: evaluating the fp32 model")
             fp32_metric = stopwatch.time("fp32_evaluation", lambda: evaluate(network))
@@ -438,13 +439,13 @@ def quantize_and_check(
         report.parameters, report.flops = count_parameters(network), count_flops(network, example[:1])
         report.fp32_state_dict_bytes = serialized_size(network)
         if latency_repeats:
-            logger.info(
-                f"int8 quantisation: timing one network input {latency_repeats} times per model"
-                + (" (compiling both first)" if compile else "")
-            )
             # torch.ao eager int8 modules (x86_eager) run as they are: that backend is for machines without a compiler
             int8_runner = compile_for_cpu(qmodel, freezing=True) if compile and backend == "x86_inductor" else qmodel
             fp32_runner = compile_for_cpu(network) if compile else network
+            logger.info(
+                f"int8 quantisation: timing one network input {latency_repeats} times per model"
+                + (" (compiling first)" if compile else "")
+            )
             warmup = 2 if compile else 1  # compiled: the first call compiles, the second may specialise
             report.latency = stopwatch.time(
                 "latency", lambda: _latency(example[:1], fp32_runner, int8_runner, latency_repeats, warmup)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import shutil
@@ -44,16 +43,6 @@ def has_cpp_compiler() -> bool:
     return find_compiler("CXX", ("g++", "c++", "clang++")) is not None
 
 
-@functools.cache
-def _config_patches(freezing: bool) -> tuple:
-    """The Inductor and Dynamo config patches of :class:`CompiledForCPU`, made once (re-entrant context managers:
-    entering one costs 9 us, making and entering one 24 us)."""
-    return (
-        torch._inductor.config.patch(CPU_COMPILE_OPTIONS | {"freezing": freezing}),
-        torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT),
-    )
-
-
 class CompiledForCPU(nn.Module):
     """A module compiled by Inductor with :data:`CPU_COMPILE_OPTIONS` in force whenever it (re)compiles.
 
@@ -91,8 +80,8 @@ class CompiledForCPU(nn.Module):
                 "(about a minute for int8 graphs), later ones run compiled."
             )
         try:
-            inductor_options, recompile_limit = _config_patches(self.options["freezing"])
-            with inductor_options, recompile_limit:
+            limit = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)
+            with torch._inductor.config.patch(self.options), limit:
                 return self._compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as error:
             self.eager_fallback = next((line for line in str(error).splitlines() if "Error" in line), str(error)[:200])

@@ -63,7 +63,7 @@ _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 _logger = logging.getLogger(__name__)
 #: multiply-accumulates per thread, at least. Measured on 2 cores (fp32 forward and backward, int8 forward): a second
 #: thread pays from about this much work on (1.3-1.8x faster at 4x4 to 16x16 positions of 16-64 channels, at most
-#: 2 us slower at 2x2x2); 1 << 20 left the coarse levels of every network on one thread
+#: 2 us slower at 2x2x2); 1 << 20 left the coarse levels of every network on one thread. Tuned on 2 cores only
 _GRAIN = 1 << 14
 #: largest neighbourhood side and dilation the operators accept: the C kernels take them as C ints (ctypes truncates
 #: larger values silently) and size their scratch buffers from ``kernel_size ** 3``

@@ -74,7 +74,7 @@ SAUNET_PRESETS: dict[str, dict] = {
         "stage_types": "sa",
         "decoder": "light",
     },
-    # s4_light at half the channels: the smallest
+    # s4_light at half the channels
     "s4_light_small": {
         "features": (8, 16, 32, 64),
         "kernel_size": 7,
