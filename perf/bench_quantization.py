@@ -39,8 +39,8 @@ from monai_qsa.utils.timing import median_seconds as timed_median
 CASES = {"2d": ((1, 1, 256, 256), "sa_seg"), "3d": ((1, 1, 96, 96, 96), "sa_seg3d")}
 
 
-#: the attention operator alone, at the first SA level of SAUNet in each case above: spatial_dims, image size,
-#: channels, heads, kernel size
+#: the attention operator alone, at fixed layers of a mid-sized SAUNet (not the bundles' first levels): spatial_dims,
+#: image size, channels, heads, kernel size
 ATTENTION_CASES = {"attention-2d": (2, (128, 128), 64, 4, 7), "attention-3d": (3, (32, 32, 32), 32, 2, 5)}
 #: the int8 engine step by step: PT2E alone (fp32 attention, 3D convolutions computed in fp32), + the int8
 #: attention, + int8 3D convolutions (``int8_conv3d=True``, as sa_seg3d quantises); each compiled with freezing
