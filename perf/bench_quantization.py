@@ -1,9 +1,9 @@
 """fp32 vs int8 latency and file size of SAUNet against MONAI's BasicUNet (the CNN baseline), 2D and 3D, at 1 and
 2 threads, eager and compiled, both quantisation backends, with the int8 engine's steps one by one (PT2E only, +
-int8 attention, + int8 3D convolutions); and the attention operator alone: the fp32 fused kernel against the int8
-kernel on each instruction-set path this CPU runs, with the int8 kernel's integer operations per second against this
-machine's int8 peak (a large ``torch._int_mm``, oneDNN), measured in the same run. Prints medians and ratios
-measured in this run, and at the end the summary table of docs/int8_attention.md.
+int8 attention, + its projection fused, + int8 3D convolutions); and the attention operator alone: the fp32 fused
+kernel against the int8 kernel on each instruction-set path this CPU runs, with the int8 kernel's integer
+operations per second against this machine's int8 peak (a large ``torch._int_mm``, oneDNN), measured in the same
+run. Prints medians and ratios measured in this run, and at the end the summary table of docs/int8_attention.md.
 
 Inputs are random (latency does not depend on the values); calibration uses 2 random batches.
 
@@ -43,13 +43,16 @@ CASES = {"2d": ((1, 1, 256, 256), "sa_seg"), "3d": ((1, 1, 96, 96, 96), "sa_seg3
 #: image size, channels, heads, kernel size
 ATTENTION_CASES = {"attention-2d": (2, (128, 128), 64, 4, 7), "attention-3d": (3, (32, 32, 32), 32, 2, 5)}
 #: the int8 engine step by step: PT2E alone (fp32 attention, 3D convolutions computed in fp32), + the int8
-#: attention, + int8 3D convolutions (``int8_conv3d=True``, as sa_seg3d quantises); each compiled with freezing
+#: attention (its projection a separate int8 convolution), + the projection fused into the attention's kernel,
+#: + int8 3D convolutions (``int8_conv3d=True``, as sa_seg3d quantises); each compiled with freezing
 PT2E_FORM = "int8 x86_inductor compiled"
 INT8_ATTENTION_FORM = "int8 + int8 attention compiled"
-INT8_ENGINE_FORM = "int8 + int8 attention + int8 conv3d compiled"
+FUSED_FORM = "int8 + int8 attention, fused projection compiled"
+INT8_ENGINE_FORM = "int8 + fused int8 attention + int8 conv3d compiled"
 ENGINE_OPTIONS = {
     PT2E_FORM: dict(int8_attention=False, int8_conv3d=False),
-    INT8_ATTENTION_FORM: dict(int8_attention=True, int8_conv3d=False),
+    INT8_ATTENTION_FORM: dict(int8_attention=True, int8_conv3d=False, fuse_projections=False),
+    FUSED_FORM: dict(int8_attention=True, int8_conv3d=False),
     INT8_ENGINE_FORM: dict(int8_attention=True, int8_conv3d=True),
 }
 #: side of the square int8 matrices whose product measures the int8 peak

@@ -96,7 +96,11 @@ def test_loading_never_unpickles_and_the_model_compiles_with_the_fused_attention
     assert events == []
     assert model.monai_qsa_metadata["labels"] == ["a", "b"] and model.monai_qsa_metadata["format_version"] == 2
     graph = model.program.graph
-    attention = {torch.ops.monai_qsa.local_attention.default, torch.ops.monai_qsa.local_attention_int8.default}
+    attention = {
+        torch.ops.monai_qsa.local_attention.default,
+        torch.ops.monai_qsa.local_attention_int8.default,
+        torch.ops.monai_qsa.projected_local_attention_int8.default,
+    }
     expected_cores = sum(n.target in attention for n in qmodel.program.graph.nodes)
     assert sum(n.target in attention for n in graph.nodes) == expected_cores > 0
     compiled = compile_for_cpu(model, freezing=True)
@@ -282,21 +286,30 @@ def test_files_that_are_not_zip_archives_are_refused(artifact, tmp_path):
 
 
 def _edit_first_attention(edit):
-    """A ``graph.json`` edit that passes the first ``local_attention_int8`` node to ``edit``."""
+    """A ``graph.json`` edit that passes the first ``projected_local_attention_int8`` node to ``edit`` (arguments:
+    0 input, 1 weight, 2 bias, 3 table, 4 kernel_size, 5 dilation, 6 scale, 7-9 q/k/v scales)."""
 
     def apply(graph: dict) -> None:
-        edit(next(n for n in graph["nodes"] if n["target"] == "monai_qsa.local_attention_int8.default"))
+        edit(next(n for n in graph["nodes"] if n["target"] == "monai_qsa.projected_local_attention_int8.default"))
 
     return apply
 
 
-def _to_fp32_attention(kernel_size: int):
-    """Turn the node into an fp32 ``local_attention`` call (its first five arguments) with ``kernel_size``."""
+def _to_attention(target: str, kernel_size: int):
+    """Turn the node into a call of ``target`` (the fp32 or the unfused int8 attention) of the layer's input and the
+    table with ``kernel_size``."""
 
     def edit(node: dict) -> None:
-        node.update(
-            target="monai_qsa.local_attention.default", args=[*node["args"][:2], kernel_size, *node["args"][3:5]]
-        )
+        args = node["args"]
+        scales = args[7:] if "int8" in target else []
+        node.update(target=target, args=[args[0], args[3], kernel_size, *args[5:7], *scales])
+
+    return edit
+
+
+def _set(index: int, value):
+    def edit(node: dict) -> None:
+        node["args"][index] = node["args"][value[0]] if isinstance(value, tuple) else value
 
     return edit
 
@@ -305,18 +318,23 @@ def _to_fp32_attention(kernel_size: int):
     "edit, reason",
     [
         # a table of kernel size 3 with kernel_size 31: the C kernel would read far past the table and the images
-        (lambda node: node["args"].__setitem__(2, 31), "table must have shape"),
-        (_to_fp32_attention(31), "table must have shape"),
-        (lambda node: node["args"].__setitem__(2, 4), "kernel_size must be odd"),
-        (lambda node: node["args"].__setitem__(3, 0), "dilation must be between 1"),
-        (lambda node: node["args"].__setitem__(4, float("inf")), "scale must be a finite number"),
-        (lambda node: node["args"].__setitem__(5, -1.0), "q_scale must be a positive finite int8 scale"),
-        # the projection where the table should be, and the reverse
-        (lambda node: node["args"].__setitem__(1, node["args"][0]), "table must have shape"),
-        (lambda node: node["args"].__setitem__(0, node["args"][1]), "qkv must be a floating-point tensor"),
+        (_set(4, 31), "table must have shape"),
+        # the fp32 or unfused int8 attention of the layer's input (not a projection), or with a table of kernel 3
+        (_to_attention("monai_qsa.local_attention.default", 3), "qkv must be a floating-point tensor"),
+        (_to_attention("monai_qsa.local_attention_int8.default", 31), "qkv must be a floating-point tensor"),
+        (_set(4, 4), "kernel_size must be odd"),
+        (_set(5, 0), "dilation must be between 1"),
+        (_set(6, float("inf")), "scale must be a finite number"),
+        (_set(7, -1.0), "q_scale must be a positive finite int8 scale"),
+        # tensors where others should be (tuples: the argument of that index)
+        (_set(3, (0,)), "table must be"),
+        (_set(0, (3,)), "x must be"),
+        (_set(1, (3,)), "weight must be"),
+        (_set(2, (3,)), "bias must have shape"),
+        (_set(1, (0,)), "weight must be"),
     ],
-    ids=["int8-kernel-size", "fp32-kernel-size", "even-kernel", "dilation", "scale", "int8-scale", "qkv-as-table",
-         "table-as-qkv"],
+    ids=["kernel-size", "fp32-attention", "int8-attention", "even-kernel", "dilation", "scale", "int8-scale",
+         "input-as-table", "table-as-input", "table-as-weight", "table-as-bias", "input-as-weight"],
 )  # fmt: skip
 def test_attention_call_with_mismatched_arguments_fails_with_a_value_error(artifact, tmp_path, edit, reason):
     path, _, x = artifact

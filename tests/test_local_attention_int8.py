@@ -17,6 +17,8 @@ from monai_qsa.networks.blocks.local_attention_int8 import (
     _library,
     int8_attention_paths,
     local_attention_int8_reference,
+    project_in_order,
+    projected_local_attention_int8_reference,
     symmetric_scale,
 )
 from monai_qsa.quantization.int8_attention import quantize_attention_int8
@@ -285,3 +287,108 @@ def test_mismatched_arguments_are_a_value_error(change, message, kernel_must_not
     with pytest.raises(ValueError, match=message) as error:
         torch.ops.monai_qsa.local_attention_int8(*change(problem))
     assert "monai_qsa.local_attention_int8:" in str(error.value)
+
+
+# dims, in_channels, heads, d_head, kernel, spatial, memory format of the input, bias: rows shorter and longer than
+# the kernel's 16-position vectors, projected channels not a multiple of its 8 per pass (3 x 2 x 5 = 30)
+PROJECTED_CASES = [
+    (2, 8, 1, 8, 7, (32, 32), torch.channels_last, False),
+    (2, 5, 2, 5, 5, (13, 67), torch.contiguous_format, True),
+    (2, 32, 2, 16, 3, (6, 5), torch.channels_last, True),
+    (3, 16, 2, 8, 3, (5, 6, 9), torch.channels_last_3d, False),
+    (3, 3, 1, 4, 5, (3, 4, 41), torch.contiguous_format, True),
+]
+
+
+def projected_problem(dims, in_channels, heads, d_head, kernel_size, spatial, memory_format, bias):
+    """A layer input, projection weight (a 1x1(x1) convolution's) and bias, and the attention's other arguments."""
+    x = torch.randn((2, in_channels) + spatial).contiguous(memory_format=memory_format)
+    weight = torch.randn((3 * heads * d_head, in_channels) + (1,) * dims) * in_channels**-0.5
+    bias = torch.randn(3 * heads * d_head) if bias else None
+    qkv = project_in_order(x, weight, bias).unflatten(1, (3, heads, d_head))
+    scales = [symmetric_scale(qkv[:, part].abs().max()) for part in range(3)]
+    return (x, weight, bias, 0.5 * torch.randn(dims, kernel_size, d_head), kernel_size, 1, d_head**-0.5, *scales), qkv
+
+
+@pytest.mark.parametrize("case", PROJECTED_CASES)
+def test_projected_attention_is_the_int8_attention_of_the_projection(case, monkeypatch):
+    """Every path (C and PyTorch) gives, to the bit, the int8 attention of the projection project_in_order computes,
+    and that projection is the convolution's up to the order of the sums."""
+    problem, qkv = projected_problem(*case)
+    x, weight, bias = problem[:3]
+    convolution = torch.nn.functional.conv2d if x.ndim == 4 else torch.nn.functional.conv3d
+    torch.testing.assert_close(qkv.flatten(1, 3), convolution(x, weight, bias), atol=1e-5, rtol=1e-5)
+    for path in int8_attention_paths():
+        monkeypatch.setenv(PATH_VARIABLE, path)
+        expected = torch.ops.monai_qsa.local_attention_int8(qkv, *problem[3:])
+        assert torch.equal(torch.ops.monai_qsa.projected_local_attention_int8(*problem), expected), path
+    reference = local_attention_int8_reference(qkv, *problem[3:])
+    assert torch.equal(projected_local_attention_int8_reference(*problem), reference)
+
+
+def test_projected_attention_threads_do_not_change_the_result(monkeypatch):
+    problem, _ = projected_problem(*PROJECTED_CASES[0])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        single = torch.ops.monai_qsa.projected_local_attention_int8(*problem)
+        torch.set_num_threads(2)
+        assert torch.equal(torch.ops.monai_qsa.projected_local_attention_int8(*problem), single)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda a: (a[0][:, :3], *a[1:]), r"weight must be .* in_channels = 3"),
+        (lambda a: (a[0], a[1][:-1], *a[2:]), "weight must be"),  # rows not 3 x heads x d_head
+        (lambda a: (a[0], a[1].expand(-1, -1, 3, 3), *a[2:]), "weight must be"),  # not a 1x1 convolution
+        (lambda a: (*a[:2], torch.zeros(5), *a[3:]), r"bias must have shape \(24,\)"),
+        (lambda a: (a[0][0], *a[1:]), "x must be"),
+        (lambda a: (*a[:3], a[3][0], *a[4:]), "table must be"),
+        (lambda a: (a[0].double(), *a[1:]), "x must be a dense tensor of the table's dtype"),
+        (lambda a: (*a[:4], 5, *a[5:]), "table must have shape"),
+        (lambda a: (*a[:8], 0.0, a[9]), "k_scale must be a positive finite int8 scale"),
+    ],
+    ids=["in-channels", "rows", "kernel", "bias", "x-dims", "table-dims", "dtype", "kernel-size", "k-scale"],
+)
+def test_projected_attention_mismatched_arguments_are_a_value_error(change, message, kernel_must_not_run):
+    problem, _ = projected_problem(*PROJECTED_CASES[0])
+    problem = (*problem[:2], torch.zeros(24), *problem[3:])
+    with pytest.raises(ValueError, match=message) as error:
+        torch.ops.monai_qsa.projected_local_attention_int8(*change(problem))
+    assert "projected_local_attention_int8:" in str(error.value)
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_int8_saunet_fuses_every_projection_into_its_attention(dims, tmp_path):
+    """quantize_ptq leaves one projected int8 attention node per SA layer (2D: after int8 convolutions; 3D: after
+    int8_conv3d ones), no attention or projection of its own; fusing the program quantize_ptq leaves unfused
+    (fuse_projections=False) gives the same program; its output is the unfused one's up to the int8 rounding of the
+    layer inputs the fusion removes; saved and loaded unchanged; FLOPs counted as in fp32."""
+    from monai_qsa.networks import SAUNet
+    from monai_qsa.quantization import load_quantized, quantize_ptq, save_quantized
+    from monai_qsa.quantization.int8_attention import fuse_attention_projections
+    from monai_qsa.utils.complexity import count_flops
+
+    torch.manual_seed(0)
+    net = SAUNet(dims, 1, 2, features=(8, 16), kernel_size=3, num_heads=2, stem_stride=2, decoder="light").eval()
+    calibration = [torch.rand((1, 1) + (16,) * dims) for _ in range(2)]
+    x = torch.rand((1, 1) + (16,) * dims)
+    unfused = quantize_ptq(net, calibration, x, int8_conv3d=dims == 3)
+    targets = [node.target for node in unfused.program.graph.nodes]
+    assert targets.count(torch.ops.monai_qsa.projected_local_attention_int8.default) == 5  # 2 x 2 encoder + 1 decoder
+    assert torch.ops.monai_qsa.local_attention_int8.default not in targets
+    with torch.no_grad():
+        fused_output = unfused(x)
+    separate = quantize_ptq(net, calibration, x, int8_conv3d=dims == 3, fuse_projections=False)
+    with torch.no_grad():
+        separate_output = separate(x)
+        assert fuse_attention_projections(separate.program) == 5
+        torch.testing.assert_close(separate(x), fused_output)
+    torch.testing.assert_close(fused_output, separate_output, atol=0.05 * separate_output.abs().max(), rtol=0)
+    assert count_flops(unfused, x) == count_flops(net, x)
+    save_quantized(tmp_path / "model.pt2", unfused, x)
+    with torch.no_grad():
+        assert torch.equal(load_quantized(tmp_path / "model.pt2")(x), fused_output)

@@ -65,12 +65,14 @@ def test_int8_convolutions_and_attention(trained):
     pt2e = quantize_ptq(net, batches[:2], batches[0]["image"])
     targets = [str(n.target) for n in pt2e.program.graph.nodes if n.op == "call_function"]
     assert sum("dequantize_per_channel" in t for t in targets) >= 8  # stem, 6 qkv projections, head
-    # the attention core (logits, softmax, weighted sum) is one int8 node per SA layer, with calibrated scales;
-    # without int8_attention it is one fp32 node per SA layer
+    # the projection and the attention core (logits, softmax, weighted sum) are one int8 node per SA layer, with
+    # calibrated scales, reading the layer's input; without int8_attention the core is one fp32 node per SA layer
     layers = sum(isinstance(m, StandAloneSelfAttention) for m in net.modules())
-    cores = [n for n in pt2e.program.graph.nodes if n.target == torch.ops.monai_qsa.local_attention_int8.default]
+    projected = torch.ops.monai_qsa.projected_local_attention_int8.default
+    cores = [n for n in pt2e.program.graph.nodes if n.target == projected]
     assert len(cores) == layers
     assert all(isinstance(scale, float) and scale > 0 for core in cores for scale in core.args[-3:])  # q, k, v
+    assert "monai_qsa.local_attention_int8.default" not in targets  # no attention left apart from its projection
     fp32_core = quantize_ptq(net, batches[:2], batches[0]["image"], int8_attention=False)
     cores = [n for n in fp32_core.program.graph.nodes if n.target == torch.ops.monai_qsa.local_attention.default]
     assert len(cores) == layers
@@ -101,6 +103,24 @@ def test_saved_artifact_loads_in_fresh_process(trained, tmp_path):
     subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
     torch.testing.assert_close(torch.load(tmp_path / "y.pt"), expected)
     assert not list(tmp_path.glob("*.partial"))
+
+
+def test_loaded_artifact_saves_again_unchanged(trained, tmp_path):
+    """save_quantized encodes the program as it is (no second export): a loaded artifact saved again calls the same
+    operators on the same tensors, and computes the same."""
+    import json
+    import zipfile
+
+    net, batches = trained
+    x = batches[0]["image"]
+    first = save_quantized(tmp_path / "first.pt2", quantize_ptq(net, batches[:2], x), x)
+    loaded = load_quantized(first)
+    second = save_quantized(tmp_path / "second.pt2", loaded, x)
+    with zipfile.ZipFile(first) as a, zipfile.ZipFile(second) as b:
+        calls = [[node["target"] for node in json.loads(z.read("graph.json"))["nodes"]] for z in (a, b)]
+        assert calls[0] == calls[1] and a.read("tensors.bin") == b.read("tensors.bin")
+    with torch.no_grad():
+        assert torch.equal(load_quantized(second)(x), loaded(x))
 
 
 def test_artifact_size_of_default_saunet(tmp_path):

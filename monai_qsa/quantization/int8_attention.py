@@ -1,8 +1,10 @@
 """Int8 attention in int8 programs: calibrate the q/k/v ranges of each SASA attention node and swap the fp32
-operator ``torch.ops.monai_qsa.local_attention`` for ``torch.ops.monai_qsa.local_attention_int8``."""
+operator ``torch.ops.monai_qsa.local_attention`` for ``torch.ops.monai_qsa.local_attention_int8``; then fuse each
+layer's query/key/value projection into it (``torch.ops.monai_qsa.projected_local_attention_int8``)."""
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable, Iterable
 
 import torch
@@ -10,7 +12,7 @@ import torch
 from monai_qsa.networks.blocks.local_attention_int8 import symmetric_scale
 from monai_qsa.quantization.calibration import calibrate_swaps
 
-__all__ = ["AttentionRangeObserver", "observe_attention", "quantize_attention_int8"]
+__all__ = ["AttentionRangeObserver", "fuse_attention_projections", "observe_attention", "quantize_attention_int8"]
 
 
 class AttentionRangeObserver(torch.nn.Module):
@@ -96,3 +98,97 @@ def _insert_observer(program: torch.fx.GraphModule, node: torch.fx.Node, index: 
         observed = program.graph.call_module(name, (node.args[0],))
     node.replace_input_with(node.args[0], observed)
     return name, observed
+
+
+_RESHAPES = (torch.ops.aten.reshape.default, torch.ops.aten.view.default)
+_DEQUANTIZE_PER_TENSOR = "quantized_decomposed.dequantize_per_tensor.default"
+_QUANTIZE_PER_TENSOR = "quantized_decomposed.quantize_per_tensor.default"
+
+
+def fuse_attention_projections(program: torch.fx.GraphModule) -> int:
+    """Replace each ``local_attention_int8`` node whose projection is a 1x1(x1) convolution used by nothing else by
+    one ``projected_local_attention_int8`` node, in place: the kernel computes the projection from the convolution's
+    fp32 input (the input the convolution quantised, at full precision) and its weights (the stored int8 weights,
+    dequantised in the graph; Inductor folds that into a constant when freezing). One operator instead of two, and
+    no projection written to memory and read back.
+
+    Handles the convolutions of int8 programs: ``aten.conv2d``/``aten.conv3d`` (int8 in 2D after Inductor's
+    lowering, weight-only in 3D) and ``monai_qsa.conv3d_int8``.
+
+    Returns:
+        the number of attention nodes fused.
+    """
+    graph = program.graph
+    fused = 0
+    for node in list(graph.nodes):
+        if node.target is not torch.ops.monai_qsa.local_attention_int8.default:
+            continue
+        reshape = node.args[0]
+        if not _sole_use(reshape, node) or reshape.target not in _RESHAPES or not _sole_use(reshape.args[0], reshape):
+            continue
+        projection = _pointwise_projection(program, reshape.args[0])
+        if projection is None:
+            continue
+        x, weight, bias = projection
+        with graph.inserting_before(node):
+            fused_node = graph.call_function(
+                torch.ops.monai_qsa.projected_local_attention_int8.default, (x, weight, bias, *node.args[1:])
+            )
+        fused_node.meta.update(node.meta)
+        node.replace_all_uses_with(fused_node)
+        graph.erase_node(node)
+        fused += 1
+    if fused:
+        graph.eliminate_dead_code()
+        program.recompile()
+    return fused
+
+
+def _sole_use(node, user: torch.fx.Node) -> bool:
+    return isinstance(node, torch.fx.Node) and list(node.users) == [user]
+
+
+def _pointwise_projection(program: torch.fx.GraphModule, conv) -> tuple | None:
+    """``(fp32 input, fp32 weight node, bias)`` of a 1x1(x1) convolution node of stride 1 without padding, dilation
+    or groups (inserting the weight's dequantisation for ``conv3d_int8``); None for anything else."""
+    if not isinstance(conv, torch.fx.Node) or conv.op != "call_function":
+        return None
+    if conv.target is torch.ops.monai_qsa.conv3d_int8.default:
+        quantized, _, _, weight, weight_scale, bias, stride, padding, dilation = conv.args
+        if str(getattr(quantized, "target", "")) != _QUANTIZE_PER_TENSOR:
+            return None
+        if stride != [1, 1, 1] or padding != [0, 0, 0] or dilation != [1, 1, 1]:
+            return None
+        if (_constant_shape(program, weight) or (None,))[2:] != (1, 1, 1):
+            return None
+        with program.graph.inserting_before(conv):
+            as_float = program.graph.call_function(torch.ops.aten._to_copy.default, (weight,), {"dtype": torch.float32})
+            scales = program.graph.call_function(torch.ops.aten.reshape.default, (weight_scale, [-1, 1, 1, 1, 1]))
+            dequantized = program.graph.call_function(torch.ops.aten.mul.Tensor, (as_float, scales))
+        return quantized.args[0], dequantized, bias
+    if conv.target not in (torch.ops.aten.conv2d.default, torch.ops.aten.conv3d.default):
+        return None
+    dims = 2 if conv.target is torch.ops.aten.conv2d.default else 3
+    defaults = [None, [1], [0], [1], 1]  # conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1)
+    x, weight, bias, stride, padding, dilation, groups = list(conv.args) + defaults[len(conv.args) - 2 :]
+    if any(s != 1 for s in stride) or any(padding) or any(d != 1 for d in dilation) or groups != 1:
+        return None
+    weight_shape = _constant_shape(program, weight)
+    if weight_shape is None or tuple(weight_shape[2:]) != (1,) * dims:
+        return None
+    if str(getattr(x, "target", "")) == _DEQUANTIZE_PER_TENSOR and str(getattr(x.args[0], "target", "")) == (
+        _QUANTIZE_PER_TENSOR
+    ):
+        x = x.args[0].args[0]  # the input before its int8 rounding
+    return x, weight, bias
+
+
+def _constant_shape(program: torch.fx.GraphModule, node) -> tuple[int, ...] | None:
+    """The shape of a stored tensor (``get_attr``) or of its per-channel dequantisation; None for anything else."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    if node.op == "get_attr":
+        return tuple(operator.attrgetter(node.target)(program).shape)
+    if node.target is torch.ops.quantized_decomposed.dequantize_per_channel.default:
+        return _constant_shape(program, node.args[0])
+    return None

@@ -11,11 +11,13 @@ artifacts keep the plain int8 weights, and each process packs them on first use 
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
 
 from monai_qsa.quantization.calibration import calibrate_swaps
 
@@ -163,6 +165,14 @@ def check_conv3d_int8(
 def _(x, x_scale, x_zero_point, weight, weight_scale, bias, stride, padding, dilation) -> torch.Tensor:
     check_conv3d_int8(x, x_scale, x_zero_point, weight, weight_scale, bias, stride, padding, dilation)
     return conv3d_int8_reference(x, x_scale, x_zero_point, weight, weight_scale, bias, stride, padding, dilation)
+
+
+# operations (2 per multiply-accumulate) for torch.utils.flop_counter.FlopCounterMode (count_flops), which cannot
+# see into the operator: those of the fp32 convolution it replaces
+@register_flop_formula(torch.ops.monai_qsa.conv3d_int8)
+def _flops(x_shape, x_scale, x_zero_point, weight_shape, weight_scale_shape, bias_shape, stride, padding, dilation,
+           out_shape) -> int:  # fmt: skip
+    return 2 * math.prod(out_shape) * math.prod(weight_shape[1:])
 
 
 class InputRangeObserver(torch.nn.Module):

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 import monai_qsa
-from monai_qsa.quantization.ptq import InferenceGraph, export_for_quantization, quiet_ao_deprecations
+from monai_qsa.quantization.ptq import InferenceGraph
 from monai_qsa.utils.files import atomic_write
 from monai_qsa.utils.third_party import import_torchao_pt2e
 
@@ -113,7 +113,8 @@ def save_quantized(
     Args:
         path: destination file (``.pt2`` by convention).
         qmodel: the int8 model.
-        example_inputs: an input tensor or tuple of inputs the model accepts.
+        example_inputs: an input tensor or tuple of inputs the model accepts; their shapes and dtypes are stored as
+            the input spec.
         metadata: extra JSON-serialisable entries (e.g. metric, labels); stored with the backend, input spec,
             format version, and monai_qsa and torch versions (which take precedence over entries of the same name).
 
@@ -137,9 +138,7 @@ def save_quantized(
         "monai_qsa_version": monai_qsa.__version__,
         "torch_version": torch.__version__,
     }
-    with quiet_ao_deprecations():
-        program = export_for_quantization(qmodel.program, example_inputs)
-    graph, tensor_bytes = _encode_program(program)
+    graph, tensor_bytes = _encode_graph_module(qmodel.program)
     with (
         atomic_write(path) as partial,
         zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as archive,
@@ -150,56 +149,67 @@ def save_quantized(
     return path
 
 
-def _encode_program(program: torch.export.ExportedProgram) -> tuple[dict, bytes]:
-    """The ``graph.json`` description of ``program`` and the bytes of its tensors."""
+def _encode_graph_module(graph_module: torch.fx.GraphModule) -> tuple[dict, bytes]:
+    """The ``graph.json`` description of an int8 program (``quantize_ptq``'s, already an ATen graph from
+    ``torch.export``, or one :func:`load_quantized` decoded) and the bytes of its tensors. Encoded as it is: exporting
+    it again only to read it back took about a second per network."""
     if sys.byteorder != "little":
         raise NotImplementedError("int8 artifacts are written on little-endian machines only.")
-    out_spec = program.call_spec.out_spec
-    if not out_spec.is_leaf() and out_spec.type is not tuple:
-        raise NotImplementedError(f"int8 artifacts store models returning a tensor or a tuple, not {out_spec}.")
-    if any(spec.kind.name != "USER_OUTPUT" for spec in program.graph_signature.output_specs):
-        raise NotImplementedError("the int8 graph updates buffers or inputs in place, which artifacts cannot store.")
-    inputs, tensors, tensor_bytes = [], [], bytearray()
-    for spec in program.graph_signature.input_specs:
-        if spec.kind.name == "USER_INPUT":
-            inputs.append(spec.arg.name)
-            continue
-        if spec.kind.name not in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
-            raise NotImplementedError(f"int8 artifacts cannot store {spec.kind.name} graph input {spec.arg.name}.")
-        value = (program.constants if spec.kind.name == "CONSTANT_TENSOR" else program.state_dict)[spec.target]
-        tensor_bytes += b"\0" * (-len(tensor_bytes) % _TENSOR_ALIGNMENT)
-        tensors.append(
-            {
-                "node": spec.arg.name,
-                "attribute": spec.target,
-                "parameter": spec.kind.name == "PARAMETER",
-                "dtype": str(value.dtype).removeprefix("torch."),
-                "shape": list(value.shape),
-                "offset": len(tensor_bytes),
-            }
-        )
-        tensor_bytes += _tensor_bytes(value, spec.target)
-    nodes, outputs = [], None
-    for node in program.graph.nodes:
-        if node.op == "call_function":
+    parameters = {name for name, _ in graph_module.named_parameters()}
+    inputs, tensors, nodes, tensor_bytes = [], [], [], bytearray()
+    first_of = {}  # stored tensor -> the get_attr node that stores it; later get_attr nodes of it stand for that one
+    aliases = {}
+    outputs = None
+    for node in graph_module.graph.nodes:
+        if node.op == "placeholder":
+            inputs.append(node.name)
+        elif node.op == "get_attr":
+            if node.target in first_of:
+                aliases[node.name] = first_of[node.target]
+                continue
+            first_of[node.target] = node.name
+            value = operator.attrgetter(node.target)(graph_module)
+            if not isinstance(value, torch.Tensor):
+                raise NotImplementedError(f"int8 artifacts store tensors only, not {node.target} ({type(value)}).")
+            tensor_bytes += b"\0" * (-len(tensor_bytes) % _TENSOR_ALIGNMENT)
+            tensors.append(
+                {
+                    "node": node.name,
+                    "attribute": node.target,
+                    "parameter": node.target in parameters,
+                    "dtype": str(value.dtype).removeprefix("torch."),
+                    "shape": list(value.shape),
+                    "offset": len(tensor_bytes),
+                }
+            )
+            tensor_bytes += _tensor_bytes(value, node.target)
+        elif node.op == "call_function":
             nodes.append(
                 {
                     "name": node.name,
                     "target": _operator_name(node.target),
-                    "args": _encode_value(list(node.args)),
-                    "kwargs": {key: _encode_value(value) for key, value in node.kwargs.items()},
+                    "args": _encode_value(list(node.args), aliases),
+                    "kwargs": {key: _encode_value(value, aliases) for key, value in node.kwargs.items()},
                 }
             )
         elif node.op == "output":
-            outputs = _encode_value(list(node.args[0]))
-        elif node.op != "placeholder":
+            outputs = node.args[0]
+        elif not (node.op == "call_module" and node.target == "_guards_fn"):  # export's checks of the input sizes
             raise NotImplementedError(f"int8 artifacts store operator calls only, not {node.op} node {node.name}.")
+    # programs from torch.export return their outputs flattened, with the structure in _out_spec
+    out_spec = getattr(graph_module, "_out_spec", None)
+    if isinstance(outputs, torch.fx.Node):
+        outputs, single_output = [outputs], True
+    elif out_spec is not None and not out_spec.is_leaf() and out_spec.type is not tuple:
+        raise NotImplementedError(f"int8 artifacts store models returning a tensor or a tuple, not {out_spec}.")
+    else:
+        single_output = out_spec is not None and out_spec.is_leaf()
     graph = {
         "inputs": inputs,
         "tensors": tensors,
         "nodes": nodes,
-        "outputs": outputs,
-        "single_output": out_spec.is_leaf(),
+        "outputs": _encode_value(list(outputs), aliases),
+        "single_output": single_output,
     }
     return graph, bytes(tensor_bytes)
 
@@ -220,14 +230,15 @@ def _operator_name(target: Any) -> str:
     return name
 
 
-def _encode_value(value: Any) -> Any:
-    """JSON for a node argument: scalars and strings as they are, containers element-wise, anything else tagged."""
+def _encode_value(value: Any, aliases: dict[str, str]) -> Any:
+    """JSON for a node argument: scalars and strings as they are, containers element-wise, nodes by name (or the
+    name ``aliases`` maps it to), anything else tagged."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)):
-        return [_encode_value(item) for item in value]
+        return [_encode_value(item, aliases) for item in value]
     if isinstance(value, torch.fx.Node):
-        return {"node": value.name}
+        return {"node": aliases.get(value.name, value.name)}
     for tag, table in (("dtype", _DTYPES), ("layout", _LAYOUTS), ("memory_format", _MEMORY_FORMATS)):
         names = [name for name, known in table.items() if known == value]
         if names:

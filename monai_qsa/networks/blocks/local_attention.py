@@ -33,7 +33,7 @@ import subprocess
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -436,10 +436,11 @@ def _kernel_shape(dims: int, spatial: list[int], kernel_size: int) -> tuple[list
     return list(spatial), [kernel_size] * 3
 
 
-def _thread_count(qkv: torch.Tensor, kernel_size: int) -> int:
-    """PyTorch's thread count, reduced to one thread per ``_GRAIN`` multiply-accumulates (small layers do not pay
-    for starting and joining threads). The results do not depend on it."""
-    work = qkv.numel() * kernel_size ** (qkv.ndim - 4)
+def _thread_count(qkv_shape: Sequence[int], kernel_size: int) -> int:
+    """PyTorch's thread count, reduced to one thread per ``_GRAIN`` multiply-accumulates of the attention of a
+    projection of shape ``qkv_shape`` (small layers do not pay for starting and joining threads). The results do
+    not depend on it."""
+    work = math.prod(qkv_shape) * kernel_size ** (len(qkv_shape) - 4)
     return max(1, min(torch.get_num_threads(), work // _GRAIN))
 
 
@@ -471,7 +472,7 @@ def _split_for_kernel(
     strides = (ctypes.c_int64 * 6)(qkv.stride(0), qkv.stride(1), qkv.stride(3), *spatial_strides)
     _kernels().split_and_pad(
         qkv.data_ptr(), strides, batch, heads * head_channels, depth, height, width, pad_z, half, half, scale,
-        q.data_ptr(), k_pad.data_ptr(), v_pad.data_ptr(), _thread_count(qkv, kernel_size),
+        q.data_ptr(), k_pad.data_ptr(), v_pad.data_ptr(), _thread_count(qkv.shape, kernel_size),
     )  # fmt: skip
     return q, k_pad, v_pad
 
@@ -490,7 +491,7 @@ def _cpu_forward(
     status = _kernels().attend(
         q.data_ptr(), k_pad.data_ptr(), v_pad.data_ptr(), rel.data_ptr(), out.data_ptr(),
         None if lse is None else lse.data_ptr(), batch * heads, head_channels, *image, *neighbourhood, dilation,
-        _thread_count(qkv, kernel_size),
+        _thread_count(qkv.shape, kernel_size),
     )  # fmt: skip
     _check_status(status)
     return out, lse
@@ -517,7 +518,7 @@ def _cpu_backward(
     grad_rel = torch.empty_like(rel)
     status = _kernels().backward(
         *(t.data_ptr() for t in (q, k_pad, v_pad, grad_out, out, lse, rel, grad_qkv, grad_rel)), batch, heads,
-        head_channels, *image, *neighbourhood, dilation, scale, _thread_count(qkv, kernel_size),
+        head_channels, *image, *neighbourhood, dilation, scale, _thread_count(qkv.shape, kernel_size),
     )  # fmt: skip
     _check_status(status)
     grad_table = grad_rel[rel.shape[0] - dims * kernel_size :].reshape(table.shape).to(table.dtype)

@@ -16,6 +16,11 @@
  *   PATH_SCALAR       plain C, any CPU
  * The integer sums are exact, so every path gives the same output.
  *
+ * The projection itself (the 1x1(x1) convolution giving q, k and v) can be computed here too, from the layer's input
+ * and fp32 weights (projected_local_attention_int8): row by row, in fp32, summed over the input channels in their
+ * order with one rounding per product and per sum (no fused multiply-adds there: PROJECTION_ROUNDING), so that
+ * PyTorch operations reproduce it exactly; the projection then never leaves the thread's scratch memory.
+ *
  * All dot products are "4 bytes per int32 lane" products, u8 x s8 as vpdpbusd wants them:
  *   q . k    lane = position, its 4 bytes = 4 channels (channels in groups of 4, G = ceil(d / 4), zero-filled);
  *            keys are stored + 128 (uint8), and 128 * sum(q) removes the offset: exact signed products.
@@ -50,6 +55,7 @@
 #define BLOCK 64 /* positions of one work item: a piece of an image row */
 #define LANES 16 /* positions of one vector step: one zmm, two ymm */
 #define CHANNELS 4 /* output channels of one pass over the weights */
+#define PROJECTED 8 /* projected channels of one pass over a row's input */
 #define MAX_GROUPS 64 /* channel groups of 4 per head: d_head <= 256 */
 #define OUTSIDE (-1e30f)
 #define KEY_OFFSET 128
@@ -393,15 +399,73 @@ static void quantize_row(const float *row, int64_t next_row, int64_t s_part, int
         }
 }
 
+/* The projection rounds every product and every sum, as PyTorch's separate multiplications and additions do: no
+ * contraction into fused multiply-adds there (GCC: a function attribute; clang: a pragma in the function body). The
+ * rest of the kernel may contract (measured: forbidding it everywhere made the 3D attention 1.4x slower). */
+#if defined(__clang__)
+#define PROJECTION_FUNCTION
+#define PROJECTION_ROUNDING _Pragma("clang fp contract(off)")
+#else
+#define PROJECTION_FUNCTION __attribute__((optimize("fp-contract=off")))
+#define PROJECTION_ROUNDING
+#endif
+
+/* LANES positions of `count` projected channels (count a constant where inlined): out[c] = bias[c] + sum over i of
+ * weight[c][i] input[i], summed in the order of i */
+static inline PROJECTION_FUNCTION __attribute__((always_inline)) void project_lanes(const float *input,
+                                                                                    int64_t input_stride,
+                                                                                    int64_t in_channels,
+                                                                                    const float *weight,
+                                                                                    const float *bias, const int count,
+                                                                                    float *out, int64_t out_stride) {
+    PROJECTION_ROUNDING
+    const f32x16 zero = {0};
+    f32x16 acc[PROJECTED];
+    for (int c = 0; c < count; c++) acc[c] = zero + (bias != NULL ? bias[c] : 0.f);
+    for (int64_t i = 0; i < in_channels; i++) {
+        f32x16 value;
+        memcpy(&value, input + i * input_stride, sizeof value);
+        for (int c = 0; c < count; c++) acc[c] = acc[c] + weight[c * in_channels + i] * value;
+    }
+    for (int c = 0; c < count; c++) memcpy(out + c * out_stride, &acc[c], sizeof acc[c]);
+}
+
+/* The projection of one image row: out (out_channels, stride), channel-major, = bias + weight (out_channels,
+ * in_channels) x the row's input (in_channels, W; channel stride s_channel, position stride s_x), summed over the
+ * input channels in their order; stride = W rounded up to LANES. The row is first copied into staged (in_channels,
+ * stride), zero past W, so that every vector step is whole; PROJECTED output channels at a time (independent sums). */
+static PROJECTION_FUNCTION void project_row(const float *row, int64_t s_channel, int64_t s_x, int64_t in_channels, int64_t W,
+                        const float *weight, const float *bias, int64_t out_channels, float *staged, float *out) {
+    const int64_t stride = (W + LANES - 1) / LANES * LANES;
+    if (s_x == 1)
+        for (int64_t i = 0; i < in_channels; i++) memcpy(staged + i * stride, row + i * s_channel, sizeof(float) * W);
+    else
+        for (int64_t x = 0; x < W; x++)
+            for (int64_t i = 0; i < in_channels; i++) staged[i * stride + x] = row[x * s_x + i * s_channel];
+    for (int64_t i = 0; i < in_channels; i++)
+        for (int64_t x = W; x < stride; x++) staged[i * stride + x] = 0.f;
+    for (int64_t x = 0; x < W; x += LANES) {
+        int64_t o = 0;
+        for (; o + PROJECTED <= out_channels; o += PROJECTED) /* constant trip counts: the sums stay in registers */
+            project_lanes(staged + x, stride, in_channels, weight + o * in_channels, bias ? bias + o : NULL, PROJECTED,
+                          out + o * stride + x, stride);
+        for (; o < out_channels; o++)
+            project_lanes(staged + x, stride, in_channels, weight + o * in_channels, bias ? bias + o : NULL, 1,
+                          out + o * stride + x, stride);
+    }
+}
+
 /* Split the (B, 3, heads, d, D, H, W) fp32 projection, of any strides (int8 convolutions leave it channels-last),
  * into the kernel's layouts (see the top of this file): q8 from the queries, keys into k8 (128 in the padding), values
  * into v4 (0 in the padding). One pass over the padded rows, parallel, writing every byte of the three buffers (they
  * need no filling beforehand): each image row is quantised into channel-major byte rows (quantize_row), then packed
- * into 4-byte words by loops over positions that vectorise. Returns 1 if scratch memory could not be allocated,
- * else 0. */
+ * into 4-byte words by loops over positions that vectorise. With a projection weight (3 heads d, in_channels), qkv
+ * is the layer's input (B, in_channels, D, H, W) instead (strides: batch, unused, channel, depth, height, width)
+ * and each row is projected first (project_row). Returns 1 if scratch memory could not be allocated, else 0. */
 static int split_quantize(const float *qkv, const int64_t *strides, int64_t batch, int64_t heads, int64_t d, int64_t D,
                           int64_t H, int64_t W, int64_t pz, int64_t py, int64_t px, int64_t dilation, float q_scale,
-                          float k_scale, float v_scale, int8_t *q8, uint8_t *k8, int8_t *v4, int num_threads) {
+                          float k_scale, float v_scale, const float *weight, const float *bias, int64_t in_channels,
+                          int8_t *q8, uint8_t *k8, int8_t *v4, int num_threads) {
     /* strides: batch, part (q/k/v), channel within the part (heads * d), depth, height, width */
     const int64_t s_batch = strides[0], s_part = strides[1], s_channel = strides[2], s_z = strides[3],
                   s_y = strides[4], s_x = strides[5];
@@ -416,7 +480,11 @@ static int split_quantize(const float *qkv, const int64_t *strides, int64_t batc
          * outside [px, px + W), which the values' words read (3 * dilation more on the right); then the staging
          * area of channels-last rows */
         uint8_t *bytes = (uint8_t *)calloc((size_t)((3 * channels + 1) * row_length + 3 * channels * W), 1);
-        if (bytes == NULL) failed = 1;
+        /* the projected row (3 channels, stride) and the input row channel-major (in_channels, stride) */
+        const int64_t stride = (W + LANES - 1) / LANES * LANES;
+        float *projected =
+            weight != NULL ? (float *)malloc(sizeof(float) * (3 * channels + in_channels) * stride) : NULL;
+        if (bytes == NULL || (weight != NULL && projected == NULL)) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; r++) {
             if (failed) continue;
@@ -431,8 +499,13 @@ static int split_quantize(const float *qkv, const int64_t *strides, int64_t batc
                 continue;
             }
             const int64_t next_row = y + 1 < H ? s_y : (z + 1 < D ? s_z - (H - 1) * s_y : 0);
-            quantize_row(qkv + b * s_batch + z * s_z + y * s_y, next_row, s_part, s_channel, s_x, channels, W, px,
-                         row_length, inverse, bytes);
+            const float *row = qkv + b * s_batch + z * s_z + y * s_y;
+            if (weight != NULL) {
+                project_row(row, s_channel, s_x, in_channels, W, weight, bias, 3 * channels,
+                            projected + 3 * channels * stride, projected);
+                quantize_row(projected, 0, channels * stride, stride, 1, channels, W, px, row_length, inverse, bytes);
+            } else
+                quantize_row(row, next_row, s_part, s_channel, s_x, channels, W, px, row_length, inverse, bytes);
             const uint8_t *zero = bytes + 3 * channels * row_length + px;
             for (int64_t h = 0; h < heads; h++)
                 for (int64_t g = 0; g < groups; g++) {
@@ -463,7 +536,7 @@ static int split_quantize(const float *qkv, const int64_t *strides, int64_t batc
                                  | (uint32_t)values[x + 2 * dilation] << 16 | (uint32_t)values[x + 3 * dilation] << 24;
             }
         }
-        free(bytes);
+        free(bytes), free(projected);
     }
     return failed;
 }
@@ -501,12 +574,15 @@ static double quantize_table(const float *table, int dims, int kernel_size, int6
  * contiguous, into out (B, heads, d, *S), contiguous: quantises the projection (split_quantize, scales q_scale,
  * k_scale, v_scale) and the table (quantize_table), then attends on `path`. alpha = scale q_scale k_scale;
  * scaled_q = scale q_scale, in double, so that beta = scaled_q table_scale is rounded once, as in the reference.
- * Returns 0 on success, 1 if memory could not be allocated, 2 if this CPU does not run `path` (PATH_BEST: the
- * fastest it runs), 3 if the table holds a value that is not finite. */
+ * With weight (3 heads d, in_channels) and bias (3 heads d, or NULL), contiguous, qkv is the layer's input
+ * (B, in_channels, *S), projected here (see split_quantize). Returns 0 on success, 1 if memory could not be
+ * allocated, 2 if this CPU does not run `path` (PATH_BEST: the fastest it runs), 3 if the table holds a value that
+ * is not finite. */
 int monai_qsa_local_attention_int8(const float *qkv, const int64_t *strides, const float *table, float *out,
                                    float alpha, double scaled_q, float q_scale, float k_scale, float v_scale,
                                    int64_t batch, int64_t heads, int64_t d, int64_t D, int64_t H, int64_t W, int dims,
-                                   int kernel_size, int dilation, int path, int num_threads) {
+                                   int kernel_size, int dilation, int path, int num_threads, const float *weight,
+                                   const float *bias, int64_t in_channels) {
     if (path == PATH_BEST) path = monai_qsa_int8_best_path();
     if (!monai_qsa_int8_path_supported(path)) return 2;
     const int kd = dims == 3 ? kernel_size : 1, half = dilation * (kernel_size - 1) / 2;
@@ -530,7 +606,7 @@ int monai_qsa_local_attention_int8(const float *qkv, const int64_t *strides, con
     }
     if (status == 0)
         status = split_quantize(qkv, strides, batch, heads, d, D, H, W, pz, half, half, dilation, q_scale, k_scale,
-                                v_scale, q8, k8, v4, num_threads);
+                                v_scale, weight, bias, in_channels, q8, k8, v4, num_threads);
     if (status == 0) {
         p.q8 = q8, p.k8 = k8, p.v4 = v4, p.table = rel8_table;
         status = attend_quantized(&p, path, bh, num_threads);

@@ -12,6 +12,12 @@ int8 values accumulated in int32; the output is fp32. One function, several impl
 - :func:`local_attention_int8_reference`, PyTorch operations (used without a C compiler, with the warning of the
   fp32 kernel, or with ``MONAI_QSA_FUSED_ATTENTION=0``).
 
+``torch.ops.monai_qsa.projected_local_attention_int8`` is the same attention with the layer's query/key/value
+projection (its 1x1(x1) convolution) computed by the kernel too, from the layer's input: in int8 programs it replaces
+the projection's int8 convolution and the attention (two operators, and a projection written to memory and read back,
+become one; most of a small network's time is per-operator cost). The projection is fp32, summed over the input
+channels in their order (:func:`project_in_order`); the attention is the int8 one above.
+
 ``MONAI_QSA_INT8_ATTENTION_PATH`` (``auto``, ``avx512_vnni``, ``avx_vnni``, ``avx2``, ``scalar``, ``torch``) forces a
 path, e.g. to test the AVX2 path on a VNNI machine; a path this CPU cannot run is an error.
 
@@ -23,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import itertools
+import math
 import os
 from pathlib import Path
 
@@ -47,6 +54,8 @@ __all__ = [
     "INT8_ATTENTION_PATHS",
     "int8_attention_paths",
     "local_attention_int8_reference",
+    "project_in_order",
+    "projected_local_attention_int8_reference",
     "quantize_symmetric",
     "symmetric_scale",
 ]
@@ -122,6 +131,47 @@ def local_attention_int8_reference(
     return out * (v_scale / weights.sum(2, keepdim=True))
 
 
+def project_in_order(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The 1x1(x1) convolution ``bias + weight x`` summed over the input channels in their order, one rounding per
+    product and per sum: the C kernel's projection, to the bit (a convolution library sums in another order).
+
+    Args:
+        x: input ``(B, in_channels, *S)``.
+        weight: ``(out_channels, in_channels)`` or a convolution's ``(out_channels, in_channels, 1, 1[, 1])``.
+        bias: ``(out_channels,)`` or None.
+
+    Returns:
+        ``(B, out_channels, *S)``.
+    """
+    weight = weight.reshape(weight.shape[0], weight.shape[1], *(1,) * (x.ndim - 2))  # broadcast over positions
+    out = x.new_zeros((x.shape[0], weight.shape[0], *x.shape[2:]))
+    if bias is not None:
+        out = out + bias.reshape(-1, *(1,) * (x.ndim - 2))
+    for channel in range(x.shape[1]):
+        out = out + weight[:, channel] * x[:, channel : channel + 1]
+    return out
+
+
+def projected_local_attention_int8_reference(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, table: torch.Tensor, kernel_size: int,
+    dilation: int, scale: float, q_scale: float, k_scale: float, v_scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """:func:`local_attention_int8_reference` of the projection :func:`project_in_order` gives.
+
+    Args:
+        x: the layer's input ``(B, in_channels, *S)``, fp32.
+        weight: the projection's weight ``(3 * heads * d_head, in_channels[, 1, 1[, 1]])``.
+        bias: its bias ``(3 * heads * d_head,)`` or None.
+        table, kernel_size, dilation, scale, q_scale, k_scale, v_scale: as :func:`local_attention_int8_reference`.
+
+    Returns:
+        the output ``(B, heads, d_head, *S)``, fp32.
+    """
+    qkv = project_in_order(x, weight, bias)
+    qkv = qkv.reshape(x.shape[0], 3, -1, table.shape[-1], *x.shape[2:])
+    return local_attention_int8_reference(qkv, table, kernel_size, dilation, scale, q_scale, k_scale, v_scale)
+
+
 def _table_scale(table: torch.Tensor) -> float:
     """The int8 scale of the relative-position table, from its own largest magnitude (1 for an all-zero table)."""
     amax = float(table.detach().abs().max()) if table.numel() else 0.0
@@ -140,6 +190,7 @@ def _library() -> ctypes.CDLL | None:
     attend.argtypes = (
         [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float,
          ctypes.c_double] + [ctypes.c_float] * 3 + [ctypes.c_int64] * 6 + [ctypes.c_int] * 5
+        + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     )  # fmt: skip
     attend.restype = ctypes.c_int
     return library
@@ -169,24 +220,39 @@ def _requested_path() -> str:
 
 
 def _run_kernel(library: ctypes.CDLL, path: int, qkv: torch.Tensor, table: torch.Tensor, kernel_size: int,
-                dilation: int, scale: float, scales: tuple[float, float, float]) -> torch.Tensor:  # fmt: skip
+                dilation: int, scale: float, scales: tuple[float, float, float],
+                projection: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:  # fmt: skip
     """Run the C kernel on path number ``path``: one call quantises the projection and the table and attends
     (the per-call cost matters: the coarse levels of a network are a few hundred positions); ``scales``: the int8
-    scales of queries, keys and values."""
+    scales of queries, keys and values. With ``projection`` (weight ``(3 heads d_head, in_channels)``, bias), ``qkv``
+    is the layer's input ``(B, in_channels, *S)``, projected by the kernel."""
     dims = table.shape[0]
-    batch, _, heads, head_channels, *spatial = qkv.shape
-    if qkv.stride(2) != head_channels * qkv.stride(3):  # heads and their channels not one evenly strided axis
-        qkv = qkv.contiguous()
+    head_channels = table.shape[-1]
+    if projection is None:
+        batch, _, heads, _, *spatial = qkv.shape
+        if qkv.stride(2) != head_channels * qkv.stride(3):  # heads and their channels not one evenly strided axis
+            qkv = qkv.contiguous()
+        part_channel = [qkv.stride(1), qkv.stride(3)]
+        weight = bias = None
+        in_channels = 0
+    else:
+        batch, in_channels, *spatial = qkv.shape
+        weight, bias = projection
+        heads = weight.shape[0] // (3 * head_channels)
+        part_channel = [0, qkv.stride(1)]
+        weight = weight.reshape(weight.shape[0], in_channels).contiguous()
+        bias = None if bias is None else bias.contiguous()
     (depth, height, width), _ = _kernel_shape(dims, spatial, kernel_size)
-    spatial_strides = ([0] + list(qkv.stride()[4:])) if dims == 2 else list(qkv.stride()[4:])
-    strides = (ctypes.c_int64 * 6)(qkv.stride(0), qkv.stride(1), qkv.stride(3), *spatial_strides)
+    spatial_strides = ([0] + list(qkv.stride()[-2:])) if dims == 2 else list(qkv.stride()[-3:])
+    strides = (ctypes.c_int64 * 6)(qkv.stride(0), *part_channel, *spatial_strides)
     table = table.contiguous()
     out = qkv.new_empty((batch, heads, head_channels, *spatial))
     q_scale, k_scale, v_scale = scales
     status = library.monai_qsa_local_attention_int8(
         qkv.data_ptr(), strides, table.data_ptr(), out.data_ptr(), scale * q_scale * k_scale, scale * q_scale,
         q_scale, k_scale, v_scale, batch, heads, head_channels, depth, height, width, dims, kernel_size, dilation,
-        path, _thread_count(qkv, kernel_size),
+        path, _thread_count((batch, 3, heads, head_channels, *spatial), kernel_size),
+        None if weight is None else weight.data_ptr(), None if bias is None else bias.data_ptr(), in_channels,
     )  # fmt: skip
     if status == 2:
         raise RuntimeError(f"{_KERNEL_NAME}: this CPU cannot run path number {path}.")
@@ -226,9 +292,95 @@ def _(qkv: torch.Tensor, table: torch.Tensor, kernel_size: int, dilation: int, s
     return qkv.new_empty(qkv.shape[:1] + qkv.shape[2:])
 
 
+def _projection_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, table: torch.Tensor,
+                      where: str) -> tuple[int, ...]:  # fmt: skip
+    """The shape ``(B, 3, heads, d_head, *S)`` of the projection of ``x`` by ``weight``; ``ValueError`` naming the
+    argument if ``x``, ``weight``, ``bias`` and ``table`` do not fit together (a model file chooses them)."""
+    if not isinstance(table, torch.Tensor) or table.ndim != 3 or table.shape[0] not in (2, 3):
+        shape = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
+        raise ValueError(f"{where}: table must be (spatial_dims, kernel_size, d_head) of 2 or 3 dims, got {shape}.")
+    for name, tensor in (("x", x), ("weight", weight), ("bias", bias)):
+        if name == "bias" and tensor is None:
+            continue
+        if not isinstance(tensor, torch.Tensor) or tensor.layout != torch.strided or tensor.dtype != table.dtype:
+            raise ValueError(f"{where}: {name} must be a dense tensor of the table's dtype ({table.dtype}).")
+        if tensor.device != table.device:
+            raise ValueError(f"{where}: {name} is on {tensor.device}, the table on {table.device}.")
+    if x.ndim != table.shape[0] + 2:
+        raise ValueError(
+            f"{where}: x must be (B, in_channels, *spatial) with {table.shape[0]} spatial dimensions (the table's), "
+            f"got shape {tuple(x.shape)}."
+        )
+    head_channels = table.shape[-1]
+    rows = weight.shape[0] if weight.ndim >= 2 else 0
+    if (
+        weight.ndim not in (2, x.ndim)
+        or weight.shape[1] != x.shape[1]
+        or any(size != 1 for size in weight.shape[2:])
+        or head_channels == 0
+        or rows == 0
+        or rows % (3 * head_channels)
+    ):
+        raise ValueError(
+            f"{where}: weight must be (3 * heads * d_head, in_channels) or a 1x1(x1) convolution's weight, with "
+            f"in_channels = {x.shape[1]} (x's) and d_head = {head_channels} (the table's), got {tuple(weight.shape)}."
+        )
+    if bias is not None and tuple(bias.shape) != (rows,):
+        raise ValueError(f"{where}: bias must have shape ({rows},) (weight's rows), got {tuple(bias.shape)}.")
+    return (x.shape[0], 3, rows // (3 * head_channels), head_channels, *x.shape[2:])
+
+
+# flexible_layout: the input is taken in the layout it has (channels-last after int8 convolutions)
+@torch.library.custom_op(
+    "monai_qsa::projected_local_attention_int8", mutates_args=(), tags=(torch.Tag.flexible_layout,)
+)
+def projected_local_attention_int8(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, table: torch.Tensor, kernel_size: int,
+    dilation: int, scale: float, q_scale: float, k_scale: float, v_scale: float,
+) -> torch.Tensor:  # fmt: skip
+    """The int8 attention of the projection ``bias + weight x``, both computed by the C kernel (fp32 CPU tensors):
+    :func:`projected_local_attention_int8_reference`'s output, to the bit. Arguments as
+    :func:`projected_local_attention_int8_reference`; ``x`` may be in any memory layout. Raises ``ValueError`` for
+    mismatched arguments or a scale that is not positive and finite.
+    """
+    where = "monai_qsa.projected_local_attention_int8"
+    shape = _projection_shape(x, weight, bias, table, where)
+    check_attention_arguments(
+        "projected_local_attention_int8", x.new_zeros(()).expand(shape), table, kernel_size, dilation, scale,
+        int8_scales={"q_scale": q_scale, "k_scale": k_scale, "v_scale": v_scale},
+    )  # fmt: skip
+    path = _requested_path()
+    library = None if path == "torch" else _library()
+    if library is None or x.device.type != "cpu" or x.dtype != torch.float32 or shape[3] > _MAX_HEAD_CHANNELS:
+        return projected_local_attention_int8_reference(
+            x, weight, bias, table, kernel_size, dilation, scale, q_scale, k_scale, v_scale
+        )
+    scales = (q_scale, k_scale, v_scale)
+    return _run_kernel(
+        library, INT8_ATTENTION_PATHS[path], x, table, kernel_size, dilation, scale, scales, (weight, bias)
+    )
+
+
+@projected_local_attention_int8.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, table: torch.Tensor, kernel_size: int,
+      dilation: int, scale: float, q_scale: float, k_scale: float, v_scale: float) -> torch.Tensor:  # fmt: skip
+    where = "monai_qsa.projected_local_attention_int8"
+    batch, _, heads, head_channels, *spatial = _projection_shape(x, weight, bias, table, where)
+    return x.new_empty((batch, heads, head_channels, *spatial))
+
+
 # operations (2 per multiply-accumulate, integer or float) for torch.utils.flop_counter.FlopCounterMode (count_flops),
 # which cannot see into the kernel: the same as the fp32 operator's
 @register_flop_formula(torch.ops.monai_qsa.local_attention_int8)
 def _flops(qkv_shape, table_shape, kernel_size: int, dilation: int, scale: float, q_scale: float, k_scale: float,
            v_scale: float, out_shape=None) -> int:  # fmt: skip
     return 2 * _forward_macs(qkv_shape, kernel_size)
+
+
+@register_flop_formula(torch.ops.monai_qsa.projected_local_attention_int8)
+def _projected_flops(x_shape, weight_shape, bias_shape, table_shape, kernel_size: int, dilation: int, scale: float,
+                     q_scale: float, k_scale: float, v_scale: float, out_shape=None) -> int:  # fmt: skip
+    head_channels = table_shape[-1]
+    qkv_shape = (x_shape[0], 3, weight_shape[0] // (3 * head_channels), head_channels, *x_shape[2:])
+    projection_macs = math.prod(qkv_shape) * x_shape[1]
+    return 2 * (projection_macs + _forward_macs(qkv_shape, kernel_size))
