@@ -376,19 +376,19 @@ def test_int8_saunet_fuses_every_projection_into_its_attention(dims, tmp_path):
     net = SAUNet(dims, 1, 2, features=(8, 16), kernel_size=3, num_heads=2, stem_stride=2, decoder="light").eval()
     calibration = [torch.rand((1, 1) + (16,) * dims) for _ in range(2)]
     x = torch.rand((1, 1) + (16,) * dims)
-    unfused = quantize_ptq(net, calibration, x, int8_conv3d=dims == 3)
-    targets = [node.target for node in unfused.program.graph.nodes]
+    fused = quantize_ptq(net, calibration, x, int8_conv3d=dims == 3)
+    targets = [node.target for node in fused.program.graph.nodes]
     assert targets.count(torch.ops.monai_qsa.projected_local_attention_int8.default) == 5  # 2 x 2 encoder + 1 decoder
     assert torch.ops.monai_qsa.local_attention_int8.default not in targets
     with torch.no_grad():
-        fused_output = unfused(x)
+        fused_output = fused(x)
     separate = quantize_ptq(net, calibration, x, int8_conv3d=dims == 3, fuse_projections=False)
     with torch.no_grad():
         separate_output = separate(x)
         assert fuse_attention_projections(separate.program) == 5
         torch.testing.assert_close(separate(x), fused_output)
     torch.testing.assert_close(fused_output, separate_output, atol=0.05 * separate_output.abs().max(), rtol=0)
-    assert count_flops(unfused, x) == count_flops(net, x)
-    save_quantized(tmp_path / "model.pt2", unfused, x)
+    assert count_flops(fused, x) == count_flops(net, x)
+    save_quantized(tmp_path / "model.pt2", fused, x)
     with torch.no_grad():
         assert torch.equal(load_quantized(tmp_path / "model.pt2")(x), fused_output)
