@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -218,12 +219,28 @@ class EnergyMeter:
             tracker.stop()  # also ends a task still under measure
         except Exception as error:  # closing must never stop the caller's work or hide its error
             logger.debug("CodeCarbon tracker did not stop cleanly (%s: %s)", type(error).__name__, error)
+        for name in ("_scheduler", "_scheduler_monitor_power"):
+            _stop_for_good(getattr(tracker, name, None))
 
     def __enter__(self) -> EnergyMeter:
         return self
 
     def __exit__(self, *exc_info) -> None:
         self.close()
+
+
+def _stop_for_good(scheduler, seconds: float = 10.0) -> None:
+    """Stop a CodeCarbon ``PeriodicScheduler`` so that its timer stays stopped. Its sampling callback re-arms the
+    next timer before it samples, whether or not ``stop`` has been called meanwhile (codecarbon 3.x,
+    ``external/scheduler.py``), so a ``stop`` that lands while a sample is being taken leaves a sampling thread that
+    outlives the tracker. Stop again until the current timer has ended (at most ``seconds``)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        timer = getattr(scheduler, "_timer", None)
+        if timer is None or not timer.is_alive():
+            return
+        scheduler.stop()  # cancels a re-armed timer; a no-op while its callback is still running
+        timer.join(timeout=max(deadline - time.monotonic(), 0))
 
 
 @dataclass
