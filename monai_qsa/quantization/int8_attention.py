@@ -101,8 +101,6 @@ def _insert_observer(program: torch.fx.GraphModule, node: torch.fx.Node, index: 
 
 
 _RESHAPES = (torch.ops.aten.reshape.default, torch.ops.aten.view.default)
-_DEQUANTIZE_PER_TENSOR = "quantized_decomposed.dequantize_per_tensor.default"
-_QUANTIZE_PER_TENSOR = "quantized_decomposed.quantize_per_tensor.default"
 
 
 def fuse_attention_projections(program: torch.fx.GraphModule) -> int:
@@ -153,9 +151,10 @@ def _pointwise_projection(program: torch.fx.GraphModule, conv) -> tuple | None:
     or groups (inserting the weight's dequantisation for ``conv3d_int8``); None for anything else."""
     if not isinstance(conv, torch.fx.Node) or conv.op != "call_function":
         return None
+    quantize = torch.ops.quantized_decomposed.quantize_per_tensor.default  # registered by torchao's pt2e
     if conv.target is torch.ops.monai_qsa.conv3d_int8.default:
         quantized, _, _, weight, weight_scale, bias, stride, padding, dilation = conv.args
-        if str(getattr(quantized, "target", "")) != _QUANTIZE_PER_TENSOR:
+        if getattr(quantized, "target", None) is not quantize:
             return None
         if stride != [1, 1, 1] or padding != [0, 0, 0] or dilation != [1, 1, 1]:
             return None
@@ -176,9 +175,8 @@ def _pointwise_projection(program: torch.fx.GraphModule, conv) -> tuple | None:
     weight_shape = _constant_shape(program, weight)
     if weight_shape is None or tuple(weight_shape[2:]) != (1,) * dims:
         return None
-    if str(getattr(x, "target", "")) == _DEQUANTIZE_PER_TENSOR and str(getattr(x.args[0], "target", "")) == (
-        _QUANTIZE_PER_TENSOR
-    ):
+    dequantize = torch.ops.quantized_decomposed.dequantize_per_tensor.default
+    if getattr(x, "target", None) is dequantize and getattr(x.args[0], "target", None) is quantize:
         x = x.args[0].args[0]  # the input before its int8 rounding
     return x, weight, bias
 

@@ -65,6 +65,8 @@ _SOURCE = Path(__file__).with_name("local_attention_int8.c")
 INT8_ATTENTION_PATHS = {"auto": 0, "scalar": 1, "avx2": 2, "avx_vnni": 3, "avx512_vnni": 4, "torch": None}
 PATH_VARIABLE = "MONAI_QSA_INT8_ATTENTION_PATH"
 _KERNEL_NAME = "monai_qsa int8 local attention kernel"
+#: the operator with the projection fused in, as its argument errors name it
+_PROJECTED = "projected_local_attention_int8"
 #: the C kernel keeps the queries of up to this many channels per head in registers (MAX_GROUPS 64 of 4 channels)
 _MAX_HEAD_CHANNELS = 256
 #: largest magnitude of a quantised value: symmetric int8, -128 unused so that negation is exact
@@ -292,10 +294,12 @@ def _(qkv: torch.Tensor, table: torch.Tensor, kernel_size: int, dilation: int, s
     return qkv.new_empty(qkv.shape[:1] + qkv.shape[2:])
 
 
-def _projection_shape(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, table: torch.Tensor,
-                      where: str) -> tuple[int, ...]:  # fmt: skip
+def _projection_shape(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, table: torch.Tensor
+) -> tuple[int, ...]:
     """The shape ``(B, 3, heads, d_head, *S)`` of the projection of ``x`` by ``weight``; ``ValueError`` naming the
     argument if ``x``, ``weight``, ``bias`` and ``table`` do not fit together (a model file chooses them)."""
+    where = f"monai_qsa.{_PROJECTED}"
     if not isinstance(table, torch.Tensor) or table.ndim != 3 or table.shape[0] not in (2, 3):
         shape = tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__
         raise ValueError(f"{where}: table must be (spatial_dims, kernel_size, d_head) of 2 or 3 dims, got {shape}.")
@@ -343,10 +347,9 @@ def projected_local_attention_int8(
     :func:`projected_local_attention_int8_reference`; ``x`` may be in any memory layout. Raises ``ValueError`` for
     mismatched arguments or a scale that is not positive and finite.
     """
-    where = "monai_qsa.projected_local_attention_int8"
-    shape = _projection_shape(x, weight, bias, table, where)
+    shape = _projection_shape(x, weight, bias, table)
     check_attention_arguments(
-        "projected_local_attention_int8", x.new_zeros(()).expand(shape), table, kernel_size, dilation, scale,
+        _PROJECTED, x.new_zeros(()).expand(shape), table, kernel_size, dilation, scale,
         int8_scales={"q_scale": q_scale, "k_scale": k_scale, "v_scale": v_scale},
     )  # fmt: skip
     path = _requested_path()
@@ -364,8 +367,7 @@ def projected_local_attention_int8(
 @projected_local_attention_int8.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, table: torch.Tensor, kernel_size: int,
       dilation: int, scale: float, q_scale: float, k_scale: float, v_scale: float) -> torch.Tensor:  # fmt: skip
-    where = "monai_qsa.projected_local_attention_int8"
-    batch, _, heads, head_channels, *spatial = _projection_shape(x, weight, bias, table, where)
+    batch, _, heads, head_channels, *spatial = _projection_shape(x, weight, bias, table)
     return x.new_empty((batch, heads, head_channels, *spatial))
 
 
