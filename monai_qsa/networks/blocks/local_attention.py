@@ -27,6 +27,7 @@ import itertools
 import logging
 import math
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -60,6 +61,10 @@ __all__ = [
 
 _SOURCE = Path(__file__).with_name("local_attention.c")
 _FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+#: environment variable of extra compiler flags for the C kernels, part of their cache key: e.g. ``-mno-avx512f``
+#: builds them as for an AVX2-only CPU, to test or time those builds on an AVX-512 machine. Read when a kernel is
+#: first used in a process.
+CFLAGS_VARIABLE = "MONAI_QSA_KERNEL_CFLAGS"
 _logger = logging.getLogger(__name__)
 #: multiply-accumulates per thread, at least. Measured on 2 cores (fp32 forward and backward, int8 forward): a second
 #: thread pays from about this much work on (1.3-1.8x faster at 4x4 to 16x16 positions of 16-64 channels, at most
@@ -337,12 +342,12 @@ def compiled_library(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.
     """The C source ``source`` compiled into a shared library and loaded, from the per-machine cache when it is there.
 
     The library is built with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``) and the flags of the
-    fused kernels plus ``extra_flags``, and cached under :func:`kernel_cache_dir`, keyed by the source bytes, the
-    flags, the compiler and the CPU's model and feature flags (the ISA ``-march=native`` builds for). Security: the
-    cache directory is created with mode 0700; a cache directory or file owned by another user or writable by group
-    or others is never loaded from (the library is then built in a private temporary directory), and a cached
-    library is loaded only if its SHA-256 equals the one recorded beside it when it was built. Without a compiler,
-    a cached build of another compiler is used.
+    fused kernels plus ``extra_flags`` and those of ``$MONAI_QSA_KERNEL_CFLAGS`` (:data:`CFLAGS_VARIABLE`), and
+    cached under :func:`kernel_cache_dir`, keyed by the source bytes, the flags, the compiler and the CPU's model and
+    feature flags (the ISA ``-march=native`` builds for). Security: the cache directory is created with mode 0700;
+    a cache directory or file owned by another user or writable by group or others is never loaded from (the library
+    is then built in a private temporary directory), and a cached library is loaded only if its SHA-256 equals the
+    one recorded beside it when it was built. Without a compiler, a cached build of another compiler is used.
 
     Args:
         source: the C file.
@@ -354,7 +359,7 @@ def compiled_library(source: Path, extra_flags: tuple[str, ...] = ()) -> ctypes.
     """
     if os.environ.get("MONAI_QSA_FUSED_ATTENTION", "1") == "0":
         return None
-    flags = (*_FLAGS, *extra_flags)
+    flags = (*_FLAGS, *extra_flags, *shlex.split(os.environ.get(CFLAGS_VARIABLE, "")))
     compiler = find_compiler("CC", ("cc", "gcc", "clang"))
     cache, key = kernel_cache_dir(), _artifact_key(source, flags)
     refusal = _private_cache(cache)

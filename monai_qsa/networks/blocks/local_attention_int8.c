@@ -28,7 +28,8 @@
  *   p . v    lane = position, its 4 bytes = 4 neighbours l..l+3 of one neighbour row (kw rounded up to 4 with zero
  *            weights); v4 holds, for every padded position X, the 4 values v[X], v[X + dil], v[X + 2dil], v[X + 3dil].
  * The queries of 16 positions stay in registers for all their neighbours (d_head 4, 8, 16 and 32 are compiled as
- * constants); the weighted sums run 4 output channels at a time (4 independent chains, one load of the weights).
+ * constants); the weighted sums run up to 16 output channels at a time (8 on the ymm paths, 4 in plain C: as many
+ * independent chains, one load of the weights).
  *
  * Layouts (2D images are passed as depth 1 with kd = 1; Dp, Hp, Wp: sizes zero-padded by dilation * (k - 1) / 2).
  * The buffers are followed by 64 bytes of slack: the last vector step of a row reads up to 15 positions past it.
@@ -54,12 +55,15 @@
 
 #define BLOCK 64 /* positions of one work item: a piece of an image row */
 #define LANES 16 /* positions of one vector step: one zmm, two ymm */
-#define CHANNELS 4 /* output channels of one pass over the weights */
+#define MAX_CHANNELS 16 /* output channels of one pass over the weights, at most */
 #define PROJECTED 8 /* projected channels of one pass over a row's input */
 #define MAX_GROUPS 64 /* channel groups of 4 per head: d_head <= 256 */
 #define OUTSIDE (-1e30f)
 #define KEY_OFFSET 128
 #define LEVELS 255.f /* uint8 probability levels */
+#define MAGIC 12582912.f /* 1.5 2^23: x + MAGIC rounds x to an integer (|x| < 2^22), held in its low bits */
+#define MAGIC_BITS 0x4B400000 /* the bits of MAGIC */
+#define LOG2_E 1.44269504088896341 /* the logits are computed in units of log2 (alpha, beta times LOG2_E) */
 
 enum { PATH_BEST = 0, PATH_SCALAR = 1, PATH_AVX2 = 2, PATH_AVX_VNNI = 3, PATH_AVX512_VNNI = 4 };
 
@@ -67,6 +71,9 @@ enum { PATH_BEST = 0, PATH_SCALAR = 1, PATH_AVX2 = 2, PATH_AVX_VNNI = 3, PATH_AV
 typedef int32_t i32x16 __attribute__((vector_size(64)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef uint8_t u8x8 __attribute__((vector_size(8)));
 
 typedef struct {
     const int8_t *q8, *v4;
@@ -87,24 +94,25 @@ static inline __attribute__((always_inline)) f32x16 select_f32(i32x16 mask, f32x
     return (f32x16)(((i32x16)yes & mask) | ((i32x16)no & ~mask));
 }
 
+/* a > b ? a : b per lane. The x86 paths use vmaxps, which computes exactly that (NaN or equal: b): one instruction
+ * where this takes a compare and a blend, and without AVX-512 GCC lowers this one's 64-byte masks through memory
+ * (measured: the AVX2 paths of an AVX2 build spent a quarter of their time here) */
 static inline __attribute__((always_inline)) f32x16 max_f32(f32x16 a, f32x16 b) { return select_f32(a > b, a, b); }
 
-/* round(255 exp(x)) for x <= 0, as integers: 255 2^(x log2 e) = 2^n 2^r 255, |r| <= 1/2, 2^r by a degree-5
- * polynomial (relative error < 3e-6, far below the 1 / 510 resolution of the weights); x log2 e is clamped at -16,
- * where 255 2^-16 rounds to 0 */
-static inline __attribute__((always_inline)) u32x16 levels(f32x16 x) {
-    const f32x16 zero = {0}, magic = zero + 12582912.f;
-    f32x16 y = x * 1.44269504088896341f;
-    y = max_f32(y, zero - 16.f);
-    const f32x16 n = (y + magic) - magic; /* round to nearest */
-    const f32x16 r = y - n;
-    const f32x16 p =
-        LEVELS
-        + r * (LEVELS * 0.693147182f
-               + r * (LEVELS * 0.240226507f
-                      + r * (LEVELS * 0.0555041087f + r * (LEVELS * 0.00961812911f + r * (LEVELS * 0.00133335581f)))));
-    const i32x16 bits = (__builtin_convertvector(n, i32x16) + 127) << 23;
-    return __builtin_convertvector(p * (f32x16)bits + 0.5f, u32x16);
+typedef f32x16 (*max_fn)(f32x16, f32x16);
+
+/* round(255 2^y) for y <= 0 (the logit minus its maximum, in units of log2: see LOG2_E), as integers: 255 2^n 2^r,
+ * n = round(y), |r| <= 1/2, 2^r by a degree-3 polynomial (relative error < 1.2e-4: at most 0.03 of the weights'
+ * unit); y is clamped at -16, where 255 2^-16 rounds to 0. n is read from the bits of y + MAGIC (the float whose
+ * unit in the last place is 1), and 2^n built from it as exponent bits. */
+static inline __attribute__((always_inline)) u32x16 levels(f32x16 y, max_fn max) {
+    const f32x16 zero = {0}, magic = zero + MAGIC;
+    y = max(y, zero - 16.f);
+    const f32x16 shifted = y + magic; /* n + MAGIC: round to nearest */
+    const f32x16 r = y - (shifted - magic);
+    const f32x16 p = LEVELS + r * (LEVELS * 0.69336869f + r * (LEVELS * 0.24221838f + r * (LEVELS * 0.05459283f)));
+    const i32x16 bits = ((i32x16)shifted - (MAGIC_BITS - 127)) << 23; /* (n + 127) << 23: 2^n */
+    return (u32x16)__builtin_convertvector(p * (f32x16)bits + 0.5f, i32x16); /* 0..255: a signed conversion */
 }
 
 static inline __attribute__((always_inline)) i32x16 dp_scalar(i32x16 acc, const uint8_t *a, i32x16 b) {
@@ -148,27 +156,71 @@ __attribute__((target("avx512f,avx512vnni"))) static inline i32x16 dp_avx512_vnn
                                                                                   i32x16 b) {
     return (i32x16)_mm512_dpbusd_epi32((__m512i)acc, _mm512_loadu_si512(a), (__m512i)b);
 }
+
+__attribute__((target("avx2"))) static inline f32x16 max_avx2(f32x16 a, f32x16 b) {
+    union {
+        f32x16 v;
+        __m256 half[2];
+    } ha = {a}, hb = {b};
+    for (int i = 0; i < 2; i++) ha.half[i] = _mm256_max_ps(ha.half[i], hb.half[i]);
+    return ha.v;
+}
+
+__attribute__((target("avx512f"))) static inline f32x16 max_avx512(f32x16 a, f32x16 b) {
+    return (f32x16)_mm512_max_ps((__m512)a, (__m512)b);
+}
 #endif
 
 /* acc + the 16 "4 bytes per lane" dot products of a (unsigned bytes, 64 at a) and b (signed bytes) */
 typedef i32x16 (*dp_fn)(i32x16, const uint8_t *, i32x16);
 
-/* Scratch of one thread, per vector step: logits (kd kh kw vectors), relative terms (kd + kh + kw vectors),
- * packed uint8 probabilities (kd kh ceil(kw / 4) vectors of words). */
+/* Scratch of one thread, per vector step: logits (kd kh kw vectors), relative terms (kd + kh + kw vectors), masks of
+ * the neighbour columns (kw vectors), packed uint8 probabilities (kd kh ceil(kw / 4) vectors of words). */
 typedef struct {
-    f32x16 *logits, *axis_logits;
+    f32x16 *logits, *axis_logits, *column_masks;
     u32x16 *probabilities;
 } scratch_t;
+
+/* Output channels [c0, c0 + count) of the 16 positions [x, x + 16) of image row (bh, z, y), of which the first m
+ * are stored: the weighted sums of the values, uint8 weights (s->probabilities) x int8 values in int32, times
+ * normaliser. count independent chains of dot products share each load of the weights (count a constant where
+ * inlined: the sums stay in registers). */
+static inline __attribute__((always_inline)) void weighted_sums(const problem_t *p, const scratch_t *s, int64_t bh,
+                                                                int64_t z, int64_t y, int64_t x, int64_t c0,
+                                                                const int count, int m, f32x16 normaliser, float *out,
+                                                                dp_fn dp) {
+    const int row_groups = (p->kw + 3) / 4, dilation = p->dilation;
+    const int64_t padded_plane = p->padded_plane, plane = p->plane;
+    /* value words of channel c0 at padded row (z, y): neighbour rows outside the image have weight 0 */
+    const int8_t *v4 = p->v4 + ((bh * p->d + c0) * padded_plane + (z * p->padded_H + y) * p->padded_W + x) * 4;
+    i32x16 acc[MAX_CHANNELS];
+    for (int c = 0; c < count; c++) acc[c] = (i32x16){0};
+    for (int i = 0, pair = 0; i < p->kd; i++)
+        for (int j = 0; j < p->kh; j++)
+            for (int g = 0; g < row_groups; g++, pair++) {
+                const int8_t *values = v4 + 4 * (((int64_t)i * p->padded_H + j) * p->padded_W + 4 * g) * dilation;
+                const uint8_t *weights = (const uint8_t *)&s->probabilities[pair];
+                for (int c = 0; c < count; c++) acc[c] = dp(acc[c], weights, load_i32(values + 4 * c * padded_plane));
+            }
+    for (int c = 0; c < count; c++) {
+        const f32x16 result = __builtin_convertvector(acc[c], f32x16) * normaliser;
+        if (m == LANES)
+            memcpy(out + (c0 + c) * plane, &result, sizeof result);
+        else
+            for (int t = 0; t < m; t++) out[(c0 + c) * plane + t] = result[t];
+    }
+}
 
 /* 16 positions [x, x + 16) of image row (bh, z, y), of which the first m < 16 or all are stored: logits of all
  * neighbours, their softmax as uint8 weights, the weighted sums of the values. Reads up to 15 positions past the end
  * of rows, which the buffers' slack covers. */
 static inline __attribute__((always_inline)) void attend_lanes(const problem_t *p, const scratch_t *s, int64_t bh,
                                                                int64_t z, int64_t y, int64_t x, int m,
-                                                               const int64_t groups, dp_fn dp) {
+                                                               const int64_t groups, const int max_channels,
+                                                               dp_fn dp, max_fn vmax) {
     static const uint8_t ones[4 * LANES] = {[0 ... 4 * LANES - 1] = 1};
     const int64_t plane = p->plane, padded_plane = p->padded_plane;
-    const int kd = p->kd, kh = p->kh, kw = p->kw, dilation = p->dilation, row_groups = (kw + 3) / 4;
+    const int kd = p->kd, kh = p->kh, kw = p->kw, dilation = p->dilation;
     const int64_t pz = (int64_t)dilation * (kd - 1) / 2, py = (int64_t)dilation * (kh - 1) / 2,
                   px = (int64_t)dilation * (kw - 1) / 2;
     const int8_t *q8 = p->q8 + (bh * groups * plane + (z * p->H + y) * p->W + x) * 4; /* group g at + 4 g plane */
@@ -186,10 +238,18 @@ static inline __attribute__((always_inline)) void attend_lanes(const problem_t *
         for (int64_t g = 0; g < groups; g++) acc = dp(acc, p->table + (a * groups + g) * 4 * LANES, q[g]);
         axis[a] = p->beta * __builtin_convertvector(acc, f32x16);
     }
-    /* whether every neighbour column of these 16 positions lies in the image (no masking needed) */
+    /* whether every neighbour column of these 16 positions lies in the image; if not, per neighbour column l, 0
+     * where it does and OUTSIDE where it does not, added to the logits (logit + OUTSIDE rounds to OUTSIDE) */
     const int interior = x - px >= 0 && x + LANES - 1 + (int64_t)(kw - 1) * dilation - px < p->W;
+    f32x16 *restrict column_masks = s->column_masks;
+    if (!interior)
+        for (int l = 0; l < kw; l++) {
+            const i32x16 column = lane + (int32_t)(x + (int64_t)l * dilation - px); /* the neighbour's x */
+            column_masks[l] = select_f32((column >= 0) & (column < (int32_t)p->W), (f32x16){0}, outside);
+        }
 
-    /* logits alpha (q8 . k8) + relative terms, outside the image OUTSIDE; their maximum */
+    /* logits alpha (q8 . k8) + relative terms, outside the image OUTSIDE; their maximum, per neighbour row first
+     * (kd kh short dependency chains rather than one of k^d) */
     f32x16 max = outside;
     for (int i = 0, o = 0; i < kd; i++)
         for (int j = 0; j < kh; j++, o += kw) {
@@ -201,90 +261,90 @@ static inline __attribute__((always_inline)) void attend_lanes(const problem_t *
             const f32x16 row_terms = axis[i] + axis[kd + j];
             const int64_t key_row = ((zz + pz) * p->padded_H + yy + py) * p->padded_W + x;
             const uint8_t *k8 = p->k8 + (bh * groups * padded_plane + key_row) * 4;
+            f32x16 row_max = outside;
             for (int l = 0; l < kw; l++) {
                 i32x16 acc = correction;
                 for (int64_t g = 0; g < groups; g++)
                     acc = dp(acc, k8 + 4 * (g * padded_plane + (int64_t)l * dilation), q[g]);
                 f32x16 logit = p->alpha * __builtin_convertvector(acc, f32x16) + (row_terms + axis[kd + kh + l]);
-                if (!interior) {
-                    const i32x16 column = lane + (int32_t)(x + (int64_t)l * dilation - px); /* the neighbour's x */
-                    logit = select_f32((column >= 0) & (column < (int32_t)p->W), logit, outside);
-                }
+                if (!interior) logit += column_masks[l];
                 logits[o + l] = logit;
-                max = max_f32(max, logit);
+                row_max = vmax(row_max, logit);
             }
+            max = vmax(max, row_max);
         }
 
-    /* uint8 weights round(255 exp(logit - max)), 4 neighbours of a row per word (0 past the row's end) */
+    /* uint8 weights round(255 exp(logit - max)), 4 neighbours of a row per word (0 past the row's end): the whole
+     * words of a row, then its last, partial one */
     i32x16 weight_sum = izero;
-    for (int r = 0; r < kd * kh; r++)
-        for (int g = 0; g < row_groups; g++) {
+    u32x16 *words = s->probabilities;
+    for (int r = 0; r < kd * kh; r++) {
+        const f32x16 *row = logits + r * kw;
+        int l = 0;
+        for (; l + 4 <= kw; l += 4) {
+            const u32x16 w0 = levels(row[l] - max, vmax), w1 = levels(row[l + 1] - max, vmax),
+                         w2 = levels(row[l + 2] - max, vmax), w3 = levels(row[l + 3] - max, vmax);
+            *words++ = w0 | w1 << 8 | w2 << 16 | w3 << 24;
+            weight_sum += (i32x16)((w0 + w1) + (w2 + w3));
+        }
+        if (l < kw) {
             u32x16 word = (u32x16)izero;
-            for (int t = 0; t < 4 && 4 * g + t < kw; t++) {
-                const u32x16 level = levels(logits[r * kw + 4 * g + t] - max);
+            for (int t = 0; l + t < kw; t++) {
+                const u32x16 level = levels(row[l + t] - max, vmax);
                 word |= level << (8 * t);
                 weight_sum += (i32x16)level;
             }
-            s->probabilities[r * row_groups + g] = word;
+            *words++ = word;
         }
+    }
     /* v_scale / sum of the weights; the largest weight is 255, so the sum is >= 255 */
     const f32x16 normaliser = p->v_scale / __builtin_convertvector(weight_sum, f32x16);
 
-    /* out (d, 16) = sum over neighbours of uint8 weights x int8 values, in int32; CHANNELS channels at a time: as
-     * many independent chains of dot products, one load of the weights for all */
+    /* out (d, 16) = sum over neighbours of uint8 weights x int8 values, in int32: up to max_channels channels per
+     * pass over the weights, as many independent chains of dot products sharing each load of the weights (constant
+     * counts, so that the sums stay in registers) */
     float *out = p->out + bh * p->d * plane + (z * p->H + y) * p->W + x;
-    for (int64_t c0 = 0; c0 < p->d; c0 += CHANNELS) {
-        const int count = p->d - c0 < CHANNELS ? (int)(p->d - c0) : CHANNELS;
-        /* value words of channel c0 at padded row (z, y): neighbour rows outside the image have weight 0 */
-        const int8_t *v4 = p->v4 + ((bh * p->d + c0) * padded_plane + (z * p->padded_H + y) * p->padded_W + x) * 4;
-        i32x16 acc[CHANNELS] = {izero};
-        for (int i = 0, pair = 0; i < kd; i++)
-            for (int j = 0; j < kh; j++)
-                for (int g = 0; g < row_groups; g++, pair++) {
-                    const int8_t *values = v4 + 4 * (((int64_t)i * p->padded_H + j) * p->padded_W + 4 * g) * dilation;
-                    const uint8_t *weights = (const uint8_t *)&s->probabilities[pair];
-                    if (count == CHANNELS)
-                        for (int c = 0; c < CHANNELS; c++)
-                            acc[c] = dp(acc[c], weights, load_i32(values + 4 * c * padded_plane));
-                    else
-                        for (int c = 0; c < count; c++)
-                            acc[c] = dp(acc[c], weights, load_i32(values + 4 * c * padded_plane));
-                }
-        for (int c = 0; c < count; c++) {
-            const f32x16 result = __builtin_convertvector(acc[c], f32x16) * normaliser;
-            if (m == LANES)
-                memcpy(out + (c0 + c) * plane, &result, sizeof result);
-            else
-                for (int t = 0; t < m; t++) out[(c0 + c) * plane + t] = result[t];
+    for (int64_t c0 = 0; c0 < p->d;) {
+        const int64_t left = p->d - c0;
+        const int count = max_channels >= 16 && left >= 16 ? 16
+                          : max_channels >= 8 && left >= 8   ? 8
+                          : left >= 4                        ? 4
+                                                             : 1;
+        switch (count) {
+        case 16: weighted_sums(p, s, bh, z, y, x, c0, 16, m, normaliser, out, dp); break;
+        case 8: weighted_sums(p, s, bh, z, y, x, c0, 8, m, normaliser, out, dp); break;
+        case 4: weighted_sums(p, s, bh, z, y, x, c0, 4, m, normaliser, out, dp); break;
+        default: weighted_sums(p, s, bh, z, y, x, c0, 1, m, normaliser, out, dp);
         }
+        c0 += count;
     }
 }
 
 typedef void (*block_fn)(const problem_t *, const scratch_t *, int64_t, int64_t, int64_t, int64_t, int);
 
 /* one function per path, each compiling the whole computation for its instruction set: positions [x0, x0 + n) */
-#define BLOCK_FUNCTION(NAME, TARGET, DP)                                                                              \
+#define BLOCK_FUNCTION(NAME, TARGET, DP, MAX, CHANNELS)                                                               \
     TARGET static void attend_##NAME(const problem_t *p, const scratch_t *s, int64_t bh, int64_t z, int64_t y,        \
                                      int64_t x0, int n) {                                                             \
         for (int x = 0; x < n; x += LANES) {                                                                          \
             const int m = n - x < LANES ? n - x : LANES;                                                              \
-            switch (p->groups) { /* d_head 4, 8, 16, 32 (the bundles' networks): the queries stay in registers */    \
-            case 1: attend_lanes(p, s, bh, z, y, x0 + x, m, 1, DP); break;                                            \
-            case 2: attend_lanes(p, s, bh, z, y, x0 + x, m, 2, DP); break;                                            \
-            case 4: attend_lanes(p, s, bh, z, y, x0 + x, m, 4, DP); break;                                            \
-            case 8: attend_lanes(p, s, bh, z, y, x0 + x, m, 8, DP); break;                                            \
-            default: attend_lanes(p, s, bh, z, y, x0 + x, m, p->groups, DP);                                          \
+            switch (p->groups) { /* d_head 4, 8, 16, 32 (the bundles' networks): the queries stay in registers */     \
+            case 1: attend_lanes(p, s, bh, z, y, x0 + x, m, 1, CHANNELS, DP, MAX); break;                             \
+            case 2: attend_lanes(p, s, bh, z, y, x0 + x, m, 2, CHANNELS, DP, MAX); break;                             \
+            case 4: attend_lanes(p, s, bh, z, y, x0 + x, m, 4, CHANNELS, DP, MAX); break;                             \
+            case 8: attend_lanes(p, s, bh, z, y, x0 + x, m, 8, CHANNELS, DP, MAX); break;                             \
+            default: attend_lanes(p, s, bh, z, y, x0 + x, m, p->groups, CHANNELS, DP, MAX);                           \
             }                                                                                                         \
         }                                                                                                             \
     }
 
-BLOCK_FUNCTION(scalar, , dp_scalar)
+BLOCK_FUNCTION(scalar, , dp_scalar, max_f32, 4)
 #if X86
-BLOCK_FUNCTION(avx2, __attribute__((target("avx2,fma"))), dp_avx2)
-BLOCK_FUNCTION(avx_vnni, __attribute__((target("avx2,fma,avxvnni"))), dp_avx_vnni)
+BLOCK_FUNCTION(avx2, __attribute__((target("avx2,fma"))), dp_avx2, max_avx2, 8)
+BLOCK_FUNCTION(avx_vnni, __attribute__((target("avx2,fma,avxvnni"))), dp_avx_vnni, max_avx2, 8)
 BLOCK_FUNCTION(avx512_vnni,
                __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,prefer-vector-width=512"))),
-               dp_avx512_vnni)
+               dp_avx512_vnni, max_avx512, 16)
 #endif
 
 /* Whether this CPU (and OS) runs `path`. */
@@ -333,8 +393,10 @@ static int attend_quantized(const problem_t *p, int path, int64_t bh_count, int 
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
-        f32x16 *vectors = (f32x16 *)aligned_alloc(sizeof(f32x16), sizeof(f32x16) * (neighbours + axes + pairs));
-        const scratch_t s = {vectors, vectors + neighbours, (u32x16 *)(vectors + neighbours + axes)};
+        f32x16 *vectors =
+            (f32x16 *)aligned_alloc(sizeof(f32x16), sizeof(f32x16) * (neighbours + axes + p->kw + pairs));
+        const scratch_t s = {vectors, vectors + neighbours, vectors + neighbours + axes,
+                             (u32x16 *)(vectors + neighbours + axes + p->kw)};
         if (vectors == NULL) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; item++) {
@@ -352,7 +414,19 @@ static int attend_quantized(const problem_t *p, int path, int64_t bh_count, int 
 static inline float quantize(float x, float inverse_scale) {
     float r = x * inverse_scale;
     r = r > 127.f ? 127.f : (r < -127.f ? -127.f : r);
-    return (r + 12582912.f) - 12582912.f;
+    return (r + MAGIC) - MAGIC;
+}
+
+/* quantize() of 8 values, as the bytes of their int8 values: compare-and-select clamps and one narrowing convert,
+ * a few vector instructions on every target where the scalar function's branches are not. 8 lanes, not 16: without
+ * AVX-512, GCC lowers the masks of 64-byte vectors through memory (measured 2x slower), those of 32-byte ones not. */
+static inline __attribute__((always_inline)) u8x8 quantize_lanes(f32x8 x, float inverse_scale) {
+    const f32x8 zero = {0}, high = zero + 127.f, low = zero - 127.f, magic = zero + MAGIC;
+    f32x8 r = x * inverse_scale;
+    i32x8 above = r > high, below = r < low;
+    r = (f32x8)(((i32x8)high & above) | ((i32x8)r & ~above));
+    r = (f32x8)(((i32x8)low & below) | ((i32x8)r & ~below));
+    return __builtin_convertvector(__builtin_convertvector((r + magic) - magic, i32x8), u8x8);
 }
 
 /* Quantise image row `row` of the projection (part stride s_part, channel stride s_channel, position stride s_x)
@@ -367,9 +441,18 @@ static void quantize_row(const float *row, int64_t next_row, int64_t s_part, int
             for (int64_t c = 0; c < channels; c++) {
                 const float *restrict source = row + part * s_part + c * s_channel;
                 uint8_t *restrict target = bytes + (part * channels + c) * row_length + px;
-                if (next_row != 0)
-                    for (int64_t x = 0; x < W; x += 16) __builtin_prefetch(source + next_row + x);
-                for (int64_t x = 0; x < W; x++) target[x] = (uint8_t)(int32_t)quantize(source[x], inverse[part]);
+                int64_t x = 0;
+                for (; x + 16 <= W; x += 16) { /* a cache line per step; the next image row's line prefetched */
+                    if (next_row != 0) __builtin_prefetch(source + next_row + x);
+                    for (int half = 0; half < 16; half += 8) {
+                        f32x8 values;
+                        memcpy(&values, source + x + half, sizeof values);
+                        const u8x8 quantized = quantize_lanes(values, inverse[part]);
+                        memcpy(target + x + half, &quantized, sizeof quantized);
+                    }
+                }
+                if (next_row != 0 && x < W) __builtin_prefetch(source + next_row + x);
+                for (; x < W; x++) target[x] = (uint8_t)(int32_t)quantize(source[x], inverse[part]);
             }
         return;
     }
@@ -434,8 +517,9 @@ static inline PROJECTION_FUNCTION __attribute__((always_inline)) void project_la
  * in_channels) x the row's input (in_channels, W; channel stride s_channel, position stride s_x), summed over the
  * input channels in their order; stride = W rounded up to LANES. The row is first copied into staged (in_channels,
  * stride), zero past W, so that every vector step is whole; PROJECTED output channels at a time (independent sums). */
-static PROJECTION_FUNCTION void project_row(const float *row, int64_t s_channel, int64_t s_x, int64_t in_channels, int64_t W,
-                        const float *weight, const float *bias, int64_t out_channels, float *staged, float *out) {
+static PROJECTION_FUNCTION void project_row(const float *row, int64_t s_channel, int64_t s_x, int64_t in_channels,
+                                            int64_t W, const float *weight, const float *bias, int64_t out_channels,
+                                            float *staged, float *out) {
     const int64_t stride = (W + LANES - 1) / LANES * LANES;
     if (s_x == 1)
         for (int64_t i = 0; i < in_channels; i++) memcpy(staged + i * stride, row + i * s_channel, sizeof(float) * W);
@@ -587,8 +671,8 @@ int monai_qsa_local_attention_int8(const float *qkv, const int64_t *strides, con
     if (!monai_qsa_int8_path_supported(path)) return 2;
     const int kd = dims == 3 ? kernel_size : 1, half = dilation * (kernel_size - 1) / 2;
     const int64_t pz = dims == 3 ? half : 0, groups = (d + 3) / 4, axes = kd + 2 * kernel_size, bh = batch * heads;
-    problem_t p = {NULL, NULL, NULL, NULL, out, alpha, 0.f, v_scale, d, groups, D, H, W, 0, 0, 0, 0, kd,
-                   kernel_size, kernel_size, dilation};
+    problem_t p = {NULL, NULL, NULL, NULL, out, (float)(alpha * LOG2_E), 0.f, v_scale, d, groups, D, H, W, 0, 0, 0,
+                   0, kd, kernel_size, kernel_size, dilation};
     p.padded_H = H + 2 * half;
     p.padded_W = W + 2 * half;
     p.plane = D * H * W;
@@ -602,7 +686,7 @@ int monai_qsa_local_attention_int8(const float *qkv, const int64_t *strides, con
     if (status == 0) {
         const double table_scale = quantize_table(table, dims, kernel_size, d, groups, rel8_table);
         status = table_scale < 0 ? 3 : 0;
-        p.beta = (float)(scaled_q * table_scale);
+        p.beta = (float)(scaled_q * table_scale * LOG2_E);
     }
     if (status == 0)
         status = split_quantize(qkv, strides, batch, heads, d, D, H, W, pz, half, half, dilation, q_scale, k_scale,
