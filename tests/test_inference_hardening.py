@@ -425,6 +425,27 @@ def test_energy_meter_close_stops_the_tracker():
     assert meter.stop() is None
 
 
+def test_energy_meter_close_stops_a_sampler_rearmed_during_the_trackers_stop():
+    """The race itself, made certain: a sampling callback under way when the tracker's ``stop`` lands re-arms its
+    timer after it (and the tracker has dropped its scheduler by then); ``close`` still stops it."""
+    from monai_qsa.utils.energy import EnergyMeter
+
+    meter = EnergyMeter(measure_power_secs=0.1)
+    meter.start()
+    tracker = meter._tracker
+    scheduler, stop = tracker._scheduler, tracker.stop
+
+    def stop_then_rearm():
+        result = stop()
+        scheduler.start(from_run=True)  # the callback under way re-arms now
+        return result
+
+    tracker.stop = stop_then_rearm
+    meter.close()
+    time.sleep(0.3)
+    assert not scheduler._timer.is_alive()
+
+
 def test_a_rank_that_fails_stops_every_rank_with_the_same_status(bundle, tmp_path):
     import socket
 

@@ -215,12 +215,14 @@ class EnergyMeter:
         tracker, self._tracker, self._running = self._tracker, None, False
         if tracker is None:
             return
+        # taken before stop(), which drops the tracker's references to them
+        schedulers = [getattr(tracker, name, None) for name in ("_scheduler", "_scheduler_monitor_power")]
         try:
             tracker.stop()  # also ends a task still under measure
         except Exception as error:  # closing must never stop the caller's work or hide its error
             logger.debug("CodeCarbon tracker did not stop cleanly (%s: %s)", type(error).__name__, error)
-        for name in ("_scheduler", "_scheduler_monitor_power"):
-            _stop_for_good(getattr(tracker, name, None))
+        for scheduler in schedulers:
+            _stop_for_good(scheduler)
 
     def __enter__(self) -> EnergyMeter:
         return self
