@@ -184,11 +184,11 @@ typedef struct {
 /* Output channels [c0, c0 + count) of the 16 positions [x, x + 16) of image row (bh, z, y), of which the first m
  * are stored: the weighted sums of the values, uint8 weights (s->probabilities) x int8 values in int32, times
  * normaliser. count independent chains of dot products share each load of the weights (count a constant where
- * inlined: the sums stay in registers). */
-static inline __attribute__((always_inline)) void weighted_sums(const problem_t *p, const scratch_t *s, int64_t bh,
-                                                                int64_t z, int64_t y, int64_t x, int64_t c0,
-                                                                const int count, int m, f32x16 normaliser, float *out,
-                                                                dp_fn dp) {
+ * inlined: the sums stay in registers). Returns count. */
+static inline __attribute__((always_inline)) int weighted_sums(const problem_t *p, const scratch_t *s, int64_t bh,
+                                                               int64_t z, int64_t y, int64_t x, int64_t c0,
+                                                               const int count, int m, f32x16 normaliser, float *out,
+                                                               dp_fn dp) {
     const int row_groups = (p->kw + 3) / 4, dilation = p->dilation;
     const int64_t padded_plane = p->padded_plane, plane = p->plane;
     /* value words of channel c0 at padded row (z, y): neighbour rows outside the image have weight 0 */
@@ -209,6 +209,7 @@ static inline __attribute__((always_inline)) void weighted_sums(const problem_t 
         else
             for (int t = 0; t < m; t++) out[(c0 + c) * plane + t] = result[t];
     }
+    return count;
 }
 
 /* 16 positions [x, x + 16) of image row (bh, z, y), of which the first m < 16 or all are stored: logits of all
@@ -306,17 +307,14 @@ static inline __attribute__((always_inline)) void attend_lanes(const problem_t *
     float *out = p->out + bh * p->d * plane + (z * p->H + y) * p->W + x;
     for (int64_t c0 = 0; c0 < p->d;) {
         const int64_t left = p->d - c0;
-        const int count = max_channels >= 16 && left >= 16 ? 16
-                          : max_channels >= 8 && left >= 8   ? 8
-                          : left >= 4                        ? 4
-                                                             : 1;
-        switch (count) {
-        case 16: weighted_sums(p, s, bh, z, y, x, c0, 16, m, normaliser, out, dp); break;
-        case 8: weighted_sums(p, s, bh, z, y, x, c0, 8, m, normaliser, out, dp); break;
-        case 4: weighted_sums(p, s, bh, z, y, x, c0, 4, m, normaliser, out, dp); break;
-        default: weighted_sums(p, s, bh, z, y, x, c0, 1, m, normaliser, out, dp);
-        }
-        c0 += count;
+        if (max_channels >= 16 && left >= 16)
+            c0 += weighted_sums(p, s, bh, z, y, x, c0, 16, m, normaliser, out, dp);
+        else if (max_channels >= 8 && left >= 8)
+            c0 += weighted_sums(p, s, bh, z, y, x, c0, 8, m, normaliser, out, dp);
+        else if (left >= 4)
+            c0 += weighted_sums(p, s, bh, z, y, x, c0, 4, m, normaliser, out, dp);
+        else
+            c0 += weighted_sums(p, s, bh, z, y, x, c0, 1, m, normaliser, out, dp);
     }
 }
 
