@@ -180,6 +180,21 @@ def test_exported_as_one_node():
     torch.testing.assert_close(program.module()(qkv, table), Attention()(qkv, table))
 
 
+def test_operators_trace_by_shape_and_keep_the_input_layout():
+    """Tracing (export, compile) runs each operator's fake implementation: the output shape without the kernel; and
+    Inductor passes inputs in the layout they have (the ``flexible_layout`` tag: no copy of channels-last inputs)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    ops = torch.ops.monai_qsa
+    with FakeTensorMode():
+        x, weight, bias, table = torch.empty(2, 8, 6, 5), torch.empty(48, 8), torch.empty(48), torch.empty(2, 3, 8)
+        projected = ops.projected_local_attention_int8(x, weight, bias, table, 3, 1, 0.35, 0.1, 0.1, 0.1)
+        attended = ops.local_attention_int8(torch.empty(2, 3, 2, 8, 6, 5), table, 3, 1, 0.35, 0.1, 0.1, 0.1)
+    assert projected.shape == attended.shape == (2, 2, 8, 6, 5)
+    for op in (ops.local_attention_int8.default, ops.projected_local_attention_int8.default):
+        assert torch.Tag.flexible_layout in op.tags
+
+
 @pytest.mark.parametrize("argument", ["q_scale", "k_scale", "v_scale"])
 @pytest.mark.parametrize("value", [0.0, -1.0, float("inf"), float("nan")])
 def test_bad_scale_is_a_clear_error(argument, value):

@@ -50,8 +50,11 @@ class CompiledForCPU(nn.Module):
     ``torch.compile(options=...)``, because freezing, which int8 graphs need, only takes effect that way; Dynamo's
     recompile limit is raised to :data:`RECOMPILE_LIMIT` the same way.
 
-    If Inductor fails to compile the module (e.g. oneDNN has no int8 kernel for one of its convolutions), one
-    warning is given and the module runs eagerly from then on; ``eager_fallback`` then holds the reason.
+    If Inductor fails to compile the module with dynamic shapes (``dynamic`` True, or None after a second input
+    shape: 3D SAUNets with a strided stem fail in a convolution's stride computation, PyTorch 2.13), it is compiled
+    once per input shape from then on, with one warning. If it fails to compile it at all (e.g. oneDNN has no int8
+    kernel for one of its convolutions), one warning is given and the module runs eagerly from then on;
+    ``eager_fallback`` then holds the reason.
 
     Args:
         module: the module to compile; kept as ``self.module``.
@@ -64,6 +67,7 @@ class CompiledForCPU(nn.Module):
         super().__init__()
         self.module = module
         self.options = CPU_COMPILE_OPTIONS | {"freezing": freezing}
+        self.dynamic = dynamic
         self._compiled = torch.compile(module, dynamic=dynamic)
         self.eager_fallback: str | None = None
         self._announced = False
@@ -84,7 +88,16 @@ class CompiledForCPU(nn.Module):
             with torch._inductor.config.patch(self.options), limit:
                 return self._compiled(*args, **kwargs)
         except torch._dynamo.exc.BackendCompilerFailed as error:
-            self.eager_fallback = next((line for line in str(error).splitlines() if "Error" in line), str(error)[:200])
+            reason = next((line for line in str(error).splitlines() if "Error" in line), str(error)[:200])
+            if self.dynamic is not False:
+                logger.warning(
+                    f"Inductor could not compile {type(self.module).__name__} with dynamic shapes ({reason}); it is "
+                    "compiled once per input shape from now on."
+                )
+                self.dynamic = False
+                self._compiled = torch.compile(self.module, dynamic=False)
+                return self(*args, **kwargs)
+            self.eager_fallback = reason
             warnings.warn(
                 f"Inductor could not compile {type(self.module).__name__} ({self.eager_fallback}); "
                 "it runs eagerly (slower) from now on.",

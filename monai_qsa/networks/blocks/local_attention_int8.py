@@ -31,6 +31,7 @@ import functools
 import itertools
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -264,8 +265,6 @@ def _run_kernel(library: ctypes.CDLL, path: int, qkv: torch.Tensor, table: torch
     return out
 
 
-# flexible_layout: the projection is taken in the layout it has (channels-last after int8 convolutions)
-@torch.library.custom_op("monai_qsa::local_attention_int8", mutates_args=(), tags=(torch.Tag.flexible_layout,))
 def local_attention_int8(
     qkv: torch.Tensor, table: torch.Tensor, kernel_size: int, dilation: int, scale: float, q_scale: float,
     k_scale: float, v_scale: float,
@@ -288,9 +287,10 @@ def local_attention_int8(
     return _run_kernel(library, INT8_ATTENTION_PATHS[path], qkv, table, kernel_size, dilation, scale, scales)
 
 
-@local_attention_int8.register_fake
-def _(qkv: torch.Tensor, table: torch.Tensor, kernel_size: int, dilation: int, scale: float, q_scale: float,
-      k_scale: float, v_scale: float) -> torch.Tensor:  # fmt: skip
+def _local_attention_int8_fake(
+    qkv: torch.Tensor, table: torch.Tensor, kernel_size: int, dilation: int, scale: float, q_scale: float,
+    k_scale: float, v_scale: float,
+) -> torch.Tensor:  # fmt: skip
     return qkv.new_empty(qkv.shape[:1] + qkv.shape[2:])
 
 
@@ -334,10 +334,6 @@ def _projection_shape(
     return (x.shape[0], 3, rows // (3 * head_channels), head_channels, *x.shape[2:])
 
 
-# flexible_layout: the input is taken in the layout it has (channels-last after int8 convolutions)
-@torch.library.custom_op(
-    "monai_qsa::projected_local_attention_int8", mutates_args=(), tags=(torch.Tag.flexible_layout,)
-)
 def projected_local_attention_int8(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, table: torch.Tensor, kernel_size: int,
     dilation: int, scale: float, q_scale: float, k_scale: float, v_scale: float,
@@ -364,11 +360,40 @@ def projected_local_attention_int8(
     )
 
 
-@projected_local_attention_int8.register_fake
-def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, table: torch.Tensor, kernel_size: int,
-      dilation: int, scale: float, q_scale: float, k_scale: float, v_scale: float) -> torch.Tensor:  # fmt: skip
+def _projected_local_attention_int8_fake(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, table: torch.Tensor, kernel_size: int,
+    dilation: int, scale: float, q_scale: float, k_scale: float, v_scale: float,
+) -> torch.Tensor:  # fmt: skip
     batch, _, heads, head_channels, *spatial = _projection_shape(x, weight, bias, table)
     return x.new_empty((batch, heads, head_channels, *spatial))
+
+
+_LIBRARY = torch.library.Library("monai_qsa", "FRAGMENT")
+_SCALARS = "int kernel_size, int dilation, float scale, float q_scale, float k_scale, float v_scale"
+
+
+def _define_inference_operator(schema: str, implementation: Callable, fake: Callable) -> None:
+    """Define ``monai_qsa::<schema>`` on PyTorch's dispatcher: ``implementation`` for every device, ``fake`` for
+    tracing (shapes only). The int8 operators serve inference only, so they skip ``torch.library.custom_op``, whose
+    Python layers for autograd and for keeping Dynamo out cost about 15 µs per call (measured: docs/int8_attention.md)
+    where a small network's layers take 40-200 µs each. ``flexible_layout``: inputs are taken in the layout they have
+    (channels-last after int8 convolutions)."""
+    name = schema.split("(", 1)[0]
+    _LIBRARY.define(schema, tags=(torch.Tag.flexible_layout,))
+    _LIBRARY.impl(name, implementation, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"monai_qsa::{name}", fake, lib=_LIBRARY)
+
+
+_define_inference_operator(
+    f"local_attention_int8(Tensor qkv, Tensor table, {_SCALARS}) -> Tensor",
+    local_attention_int8,
+    _local_attention_int8_fake,
+)
+_define_inference_operator(
+    f"{_PROJECTED}(Tensor x, Tensor weight, Tensor? bias, Tensor table, {_SCALARS}) -> Tensor",
+    projected_local_attention_int8,
+    _projected_local_attention_int8_fake,
+)
 
 
 # operations (2 per multiply-accumulate, integer or float) for torch.utils.flop_counter.FlopCounterMode (count_flops),
