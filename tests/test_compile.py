@@ -44,9 +44,10 @@ def test_failed_dynamic_compilation_compiles_per_shape_instead():
 
 
 def test_3d_saunet_with_a_strided_stem_stays_compiled_across_input_sizes():
-    """Whole volumes differ in size. With dynamic shapes (Dynamo's choice from the third size on) Inductor fails to
-    lower a 3D SAUNet with a strided stem (PyTorch 2.13: a convolution's stride computation); the network must go on
-    running compiled (once per size), not eagerly, and compute what it computes eagerly."""
+    """Whole volumes differ in size. Dynamo makes each axis dynamic once its size has changed, and Inductor fails to
+    lower a 3D SAUNet with a strided stem once all three are (PyTorch 2.13: a convolution's stride computation; here
+    at the third size); the network must go on running compiled (once per size), not eagerly, and compute what it
+    computes eagerly."""
     torch.manual_seed(0)
     net = SAUNet(3, 1, 2, preset="s2_light", kernel_size=3, features=(4, 8, 16), num_heads=1).eval()
     compiled = compile_for_cpu(net)

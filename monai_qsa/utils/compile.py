@@ -50,8 +50,8 @@ class CompiledForCPU(nn.Module):
     ``torch.compile(options=...)``, because freezing, which int8 graphs need, only takes effect that way; Dynamo's
     recompile limit is raised to :data:`RECOMPILE_LIMIT` the same way.
 
-    If Inductor fails to compile the module with dynamic shapes (``dynamic`` True, or None after a second input
-    shape: 3D SAUNets with a strided stem fail in a convolution's stride computation, PyTorch 2.13), it is compiled
+    If Inductor fails to compile the module with dynamic shapes (``dynamic`` True, or None once input sizes vary: 3D
+    SAUNets with a strided stem fail in a convolution's stride computation, PyTorch 2.13), it is compiled
     once per input shape from then on, with one warning. If it fails to compile it at all (e.g. oneDNN has no int8
     kernel for one of its convolutions), one warning is given and the module runs eagerly from then on;
     ``eager_fallback`` then holds the reason.
