@@ -96,7 +96,7 @@ class CompiledForCPU(nn.Module):
                 )
                 self.dynamic = False
                 self._compiled = torch.compile(self.module, dynamic=False)
-                return self(*args, **kwargs)
+                return self.forward(*args, **kwargs)  # once more, without running module hooks twice
             self.eager_fallback = reason
             warnings.warn(
                 f"Inductor could not compile {type(self.module).__name__} ({self.eager_fallback}); "
