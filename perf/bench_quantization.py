@@ -5,15 +5,19 @@ kernel against the int8 kernel on each instruction-set path this CPU runs, with 
 operations per second against this machine's int8 peak (a large ``torch._int_mm``, oneDNN), measured in the same
 run. Prints medians and ratios measured in this run, and at the end the summary table of docs/int8_attention.md.
 
-Inputs are random (latency does not depend on the values); calibration uses 2 random batches.
+The forms of a network are compiled again for each thread count (Inductor writes its kernels for the thread count in
+force when it compiles: serial code at 1 thread) and timed in turn, one call of each per round, so that changes in
+the machine's speed during the run reach them alike. Inputs are random (latency does not depend on the values);
+calibration uses 2 random batches.
 
-    python perf/bench_quantization.py [--repeats 5] [--cases 2d 3d attention-2d attention-3d] [--saunet-only]
+    python perf/bench_quantization.py [--repeats 10] [--cases 2d 3d attention-2d attention-3d] [--saunet-only]
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 import warnings
@@ -63,10 +67,14 @@ CLOCKS = ("wall", "thread")
 _clock = "wall"
 
 
+def _timer():
+    """The clock chosen (``CLOCKS``) for the current thread count."""
+    return time.thread_time if _clock == "thread" and torch.get_num_threads() == 1 else time.perf_counter
+
+
 def median_seconds(fn, repeats: int, warmup: int) -> float:
     """Median time of ``fn()`` over ``repeats`` calls after ``warmup`` calls, on the chosen clock (``CLOCKS``)."""
-    thread_clock = _clock == "thread" and torch.get_num_threads() == 1
-    return timed_median(fn, repeats, warmup, time.thread_time if thread_clock else time.perf_counter)
+    return timed_median(fn, repeats, warmup, _timer())
 
 
 def int8_peak_ops_per_second(repeats: int) -> float:
@@ -125,20 +133,37 @@ def bench_attention(case: str, repeats: int) -> list[str]:
 
 def variants(
     net: torch.nn.Module, x: torch.Tensor, artifact: str, engine_only: bool
-) -> tuple[dict[str, torch.nn.Module], int]:
-    """The runnable forms of one network (with ``engine_only``: fp32 compiled and the int8 engine's steps) and the
-    size of its default int8 artifact."""
+) -> tuple[dict[str, tuple[torch.nn.Module, bool | None]], int]:
+    """The forms of one network (with ``engine_only``: fp32 compiled and the int8 engine's steps), each as
+    ``(module, freezing)`` with ``freezing`` None for a form run eagerly, and the size of its default int8 artifact."""
     calibration = [torch.randn_like(x), torch.randn_like(x)]
     example = torch.cat(calibration)
-    forms = {"fp32 compiled": compile_for_cpu(net)}
+    forms: dict[str, tuple[torch.nn.Module, bool | None]] = {"fp32 compiled": (net, False)}
     if not engine_only:
-        forms["fp32 eager"] = net
-        forms["int8 x86_eager"] = quantize_ptq(net, calibration, x, backend="x86_eager")
+        forms["fp32 eager"] = (net, None)
+        forms["int8 x86_eager"] = (quantize_ptq(net, calibration, x, backend="x86_eager"), None)
     programs = {form: quantize_ptq(net, calibration, example, **options) for form, options in ENGINE_OPTIONS.items()}
     save_quantized(artifact, programs[INT8_ENGINE_FORM], example)
-    for form, program in programs.items():
-        forms[form] = compile_for_cpu(program, freezing=True)
+    forms |= {form: (program, True) for form, program in programs.items()}
     return forms, serialized_size(artifact)
+
+
+def time_in_turn(runners: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
+    """Median seconds of one call of each runner on the chosen clock, the runners called in turn for ``repeats``
+    rounds after two warm-up calls each, so that changes in the machine's speed during the run reach every form
+    alike."""
+    clock = _timer()
+    samples: dict[str, list[float]] = {form: [] for form in runners}
+    with torch.no_grad():
+        for runner in runners.values():  # compilation, allocator caches
+            runner(x)
+            runner(x)
+        for _ in range(repeats):
+            for form, runner in runners.items():
+                start = clock()
+                runner(x)
+                samples[form].append(clock() - start)
+    return {form: statistics.median(times) for form, times in samples.items()}
 
 
 def summary_rows(case: str, medians: dict[tuple[str, str, int], float]) -> list[str]:
@@ -156,7 +181,7 @@ def summary_rows(case: str, medians: dict[tuple[str, str, int], float]) -> list[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls (rounds, for the networks) per form")
     parser.add_argument("--clock", choices=CLOCKS, default="wall", help="wall, or thread CPU time at 1 thread")
     parser.add_argument(
         "--saunet-only", action="store_true", help="only SAUNet, compiled: fp32 and the int8 engine's steps"
@@ -197,9 +222,14 @@ def main() -> None:
                 )
                 for threads in (1, 2):
                     torch.set_num_threads(threads)
-                    for form, model in forms.items():
-                        with torch.no_grad():
-                            seconds = median_seconds(lambda model=model, x=x: model(x), args.repeats, warmup=2)
+                    # Inductor writes its kernels for the thread count in force when it compiles (serial code at
+                    # 1 thread): compile every form again for each count
+                    torch._dynamo.reset()
+                    runners = {
+                        form: model if freezing is None else compile_for_cpu(model, freezing=freezing)
+                        for form, (model, freezing) in forms.items()
+                    }
+                    for form, seconds in time_in_turn(runners, x, args.repeats).items():
                         medians[(name, form, threads)] = seconds
                         print(f"  {threads} thread(s) {form:46s} {seconds * 1e3:10.1f} ms")
         if not args.saunet_only:

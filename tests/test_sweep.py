@@ -1,12 +1,14 @@
 """``python -m monai_qsa benchmark --sweep`` on a tiny configuration: its figures against direct calls of the
-complexity counters for the same models, its plots, its matched-accuracy table recomputed from report.json alone,
-the end-to-end timing, and a rerun that trains and times nothing again."""
+complexity counters for the same models, its plots, its matched-accuracy table recomputed from report.json alone
+(pairs chosen from each model's own timing, ratios from the pairs' timing in turn), the end-to-end timing, and a
+rerun that trains and times nothing again."""
 
 from __future__ import annotations
 
 import copy
 import json
 import re
+import statistics
 from pathlib import Path
 
 import pytest
@@ -14,8 +16,15 @@ import torch
 
 from monai_qsa.__main__ import main
 from monai_qsa.benchmark.measure import load_network
-from monai_qsa.benchmark.sweep import SweepModel, cnn_models, default_sweep_models, run_sweep
-from monai_qsa.benchmark.sweep_report import TARGETS, pareto_front, update_readme_with_sweep
+from monai_qsa.benchmark.sweep import PAIRED_ROUNDS, SweepModel, cnn_models, default_sweep_models, run_sweep
+from monai_qsa.benchmark.sweep_report import (
+    PAIRED_ROLES,
+    TARGETS,
+    markdown_sweep_report,
+    pair_name,
+    pareto_front,
+    update_readme_with_sweep,
+)
 from monai_qsa.benchmark.tasks import BENCHMARK_TASKS, default_bundle_dir
 from monai_qsa.data import make_synthetic_dataset
 from monai_qsa.networks.nets import SAUNET_PRESETS
@@ -47,6 +56,7 @@ def _sweep(root, progress=False):
         min_seconds=0,
         threads=(1,),
         max_cases=2,
+        tolerance=1.0,  # two epochs leave the Dice of any model near chance: every SA model matches every CNN
         volume_shape=(64, 48),
         compile=False,
         progress=progress,
@@ -56,7 +66,7 @@ def _sweep(root, progress=False):
 @pytest.fixture(scope="module")
 def tiny_sweep(tmp_path_factory):
     """The seg2d sweep of two tiny SAUNets and a UNet of width 4 on 8 training / 2 validation images, at most 2
-    epochs, eager, one thread, one timed pass, a 64x48 end-to-end image."""
+    epochs, eager, one thread, one timed pass, every SA model matching every CNN, a 64x48 end-to-end image."""
     root = tmp_path_factory.mktemp("sweep")
     make_synthetic_dataset("seg2d", root / "data", seed=0, num_cases=(8, 2, 0))
     report = _sweep(root)
@@ -89,9 +99,12 @@ def _latency(row: dict, precision: str) -> float:
     return min(t["1"]["median_ms"] for mode, t in row["timing"].items() if mode.startswith(precision))
 
 
+def _fastest_mode(row: dict, precision: str) -> str:
+    return min((t["1"]["median_ms"], m) for m, t in row["timing"].items() if m.startswith(precision))[1]
+
+
 def _energy(row: dict, precision: str) -> float | None:
-    mode = min((t["1"]["median_ms"], m) for m, t in row["timing"].items() if m.startswith(precision))[1]
-    return row["timing"][mode]["1"]["energy_j_per_case"]
+    return row["timing"][_fastest_mode(row, precision)]["1"]["energy_j_per_case"]
 
 
 def test_matched_accuracy_table_follows_from_the_report(tiny_sweep):
@@ -101,22 +114,45 @@ def test_matched_accuracy_table_follows_from_the_report(tiny_sweep):
     assert [row["cnn"] for row in report["matched"]] == cnns
     for row in report["matched"]:
         cnn = models[row["cnn"]]
-        target = cnn["fp32_metric"] - 0.005
+        target = cnn["fp32_metric"] - report["tolerance"]
         accurate = [n for n, r in models.items() if r["family"] == "SA" and r["int8_metric"] >= target]
         if not accurate:
             assert row["sa"] is None
             continue
-        cheapest = min(accurate, key=lambda n: _latency(models[n], "int8"))
+        cheapest = min(accurate, key=lambda n: _latency(models[n], "int8"))  # chosen from the models' own timing
         sa = models[cheapest]
-        assert row["sa"] == cheapest and row["sa_metric"] == sa["int8_metric"]
+        assert row["sa"] == cheapest and row["sa_metric"] == sa["int8_metric"] and row["timed_in_turn"]
+        paired = report["paired"][pair_name(row["cnn"], cheapest)]  # the ratios: from the pair timed in turn
+        latency = {role: timing["median_ms"] for role, timing in paired.items()}
         fp32, int8 = row["vs_cnn_fp32"], row["vs_cnn_int8"]
-        assert fp32["latency"] == pytest.approx(_latency(sa, "int8") / _latency(cnn, "fp32"))
-        assert int8["latency"] == pytest.approx(_latency(sa, "int8") / _latency(cnn, "int8"))
+        assert fp32["latency"] == pytest.approx(latency["sa_int8"] / latency["cnn_fp32"])
+        assert int8["latency"] == pytest.approx(latency["sa_int8"] / latency["cnn_int8"])
+        assert row["cnn_fp32_latency_ms"] == latency["cnn_fp32"] and row["sa_latency_ms"] == latency["sa_int8"]
         assert fp32["size"] == pytest.approx(sa["int8_size_bytes"] / cnn["fp32_size_bytes"])
         assert int8["size"] == pytest.approx(sa["int8_size_bytes"] / cnn["int8_size_bytes"])
         assert fp32["flops"] == int8["flops"] == pytest.approx(sa["flops"] / cnn["flops"])
-        if _energy(sa, "int8") is not None and _energy(cnn, "fp32"):
-            assert fp32["energy"] == pytest.approx(_energy(sa, "int8") / _energy(cnn, "fp32"))
+        energy = {role: timing["energy_j_per_case"] for role, timing in paired.items()}
+        if energy["sa_int8"] is not None and energy["cnn_fp32"]:
+            assert fp32["energy"] == pytest.approx(energy["sa_int8"] / energy["cnn_fp32"])
+
+
+def test_matched_pairs_are_timed_in_turn(tiny_sweep):
+    _, report = tiny_sweep
+    models = report["models"]
+    pairs = {pair_name(row["cnn"], row["sa"]): row for row in report["matched"] if row["sa"] is not None}
+    assert pairs and sorted(report["paired"]) == sorted(pairs)
+    for name, timings in report["paired"].items():
+        assert sorted(timings) == sorted(PAIRED_ROLES)
+        for role, (model_key, precision) in PAIRED_ROLES.items():
+            timing = timings[role]
+            # each model in its fastest mode of its own timing; min_seconds 0: one pass of the 2 cases per round
+            assert timing["timing_mode"] == _fastest_mode(models[pairs[name][model_key]], precision)
+            assert len(timing["round_medians_ms"]) == PAIRED_ROUNDS and len(timing["latency_ms"]) == 2 * PAIRED_ROUNDS
+            assert timing["median_ms"] == statistics.median(timing["latency_ms"]) > 0
+            assert timing["mode"] == "eager"  # the tiny sweep runs eagerly
+    text = markdown_sweep_report(report)
+    assert f"timed against its CNN in turn, in one process ({PAIRED_ROUNDS} rounds)" in text
+    assert "round after round" in text
 
 
 def test_fronts_plots_and_markdown(tiny_sweep):

@@ -1,9 +1,10 @@
-"""Time one trained model of the benchmark, per case, at several thread counts, with its energy per case.
+"""Time trained models of the benchmark per case, with their energy per case: one model at several thread counts
+(:func:`measure_model`), or a few models in turn, round after round (:func:`measure_alternating`).
 
-Runs in its own process (``python -m monai_qsa.benchmark.measure SPEC.json``) so that models do not share
-allocator state, compiled-code caches or CodeCarbon trackers. The cases are the bundle's validation images after
-its deterministic preprocessing, run through the bundle's validation inferer (sliding window for segmentation),
-exactly as in evaluation.
+Runs in its own process (``python -m monai_qsa.benchmark.measure SPEC.json RESULT.json``) so that the models of
+one spec do not share allocator state, compiled-code caches or CodeCarbon trackers with those of another. The cases
+are the bundle's validation images after its deterministic preprocessing, run through the bundle's validation
+inferer (sliding window for segmentation), exactly as in evaluation.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["measure_model", "bundle_workflow", "load_cases", "load_network", "load_model"]
+__all__ = ["measure_model", "measure_alternating", "bundle_workflow", "load_cases", "load_network", "load_model"]
 
 
 def bundle_workflow(bundle_dir: str, dataset_dir: str, network_def: dict | None = None):
@@ -69,6 +70,23 @@ def load_model(spec: dict, workflow) -> nn.Module:
     return runnable_network(spec["checkpoint"], workflow.network_def)
 
 
+def _timed_pass(cases: list[torch.Tensor], inferer, runner: nn.Module) -> list[float]:
+    """Milliseconds of each case through ``inferer(case, runner)``, one pass over ``cases``."""
+    times = []
+    for case in cases:
+        start = time.perf_counter()
+        inferer(case, runner)
+        times.append(round(1000 * (time.perf_counter() - start), 3))
+    return times
+
+
+def _runner(spec: dict, model: nn.Module) -> nn.Module:
+    """``model`` (that of ``spec``) as it is timed: compiled (int8 graphs with freezing) when ``spec["compile"]``."""
+    from monai_qsa.utils.compile import compile_for_cpu
+
+    return compile_for_cpu(model, freezing=spec["precision"] == "int8") if spec["compile"] else model
+
+
 def measure_model(spec: dict) -> dict:
     """Per-case latency and energy of one model at each thread count of ``spec["threads"]``.
 
@@ -83,7 +101,7 @@ def measure_model(spec: dict) -> dict:
         "mode": see :func:`~monai_qsa.utils.compile.run_mode`}``; energy entries are None when CodeCarbon could not
         measure.
     """
-    from monai_qsa.utils.compile import compile_for_cpu, run_mode
+    from monai_qsa.utils.compile import run_mode
     from monai_qsa.utils.energy import EnergyMeter, measure_energy
 
     workflow = bundle_workflow(spec["bundle_dir"], spec["dataset_dir"], spec["network_def"])
@@ -94,7 +112,7 @@ def measure_model(spec: dict) -> dict:
     for threads in spec["threads"]:
         torch.set_num_threads(threads)
         torch._dynamo.reset()  # Inductor fixes the thread count of its kernels when it compiles them
-        runner = compile_for_cpu(model, freezing=spec["precision"] == "int8") if spec["compile"] else model
+        runner = _runner(spec, model)
         times = []
         with torch.no_grad():
             for case in cases:  # warm-up: compilation (per input shape) and allocator caches
@@ -106,10 +124,7 @@ def measure_model(spec: dict) -> dict:
             with measure_energy(meter=meter) as energy:
                 passes = 0
                 while passes < spec["repeats"] or time.perf_counter() - began < spec["min_seconds"]:
-                    for case in cases:
-                        start = time.perf_counter()
-                        inferer(case, runner)
-                        times.append(round(1000 * (time.perf_counter() - start), 3))
+                    times += _timed_pass(cases, inferer, runner)
                     passes += 1
                 energy.samples = len(times)
         reading = energy.reading
@@ -123,9 +138,69 @@ def measure_model(spec: dict) -> dict:
     return result
 
 
+def measure_alternating(spec: dict) -> dict:
+    """Per-case latency and energy of a few models timed in turn in one process, round after round: changes in the
+    machine's speed while they run (other jobs, a shared VM's neighbours) then reach every model alike, which
+    timings taken minutes apart in separate processes cannot promise. The fair way to compare models' latency on a
+    shared machine.
+
+    Args:
+        spec: ``models``, each with ``name``, ``precision``, ``network_def``, ``checkpoint`` or ``int8_path`` and
+            ``compile`` as in :func:`measure_model`; ``bundle_dir``, ``dataset_dir``, ``max_cases``, ``rounds``,
+            ``min_seconds`` (per model and round: one pass over the cases, and more until this much time has gone;
+            also the window of each energy reading), ``threads`` (one count).
+
+    Returns:
+        ``{name: {"latency_ms": [...], "median_ms", "round_medians_ms": [...], "energy_j_per_case",
+        "energy_method", "mode"}}``: latency and energy over all rounds; energy None when CodeCarbon could not
+        measure.
+    """
+    from monai_qsa.utils.compile import run_mode
+    from monai_qsa.utils.energy import EnergyMeter, measure_energy
+
+    torch.set_num_threads(spec["threads"])
+    runners, cases, inferer = {}, None, None
+    for model in spec["models"]:
+        workflow = bundle_workflow(spec["bundle_dir"], spec["dataset_dir"], model["network_def"])
+        if cases is None:
+            cases, inferer = load_cases(workflow, spec["max_cases"])
+        runners[model["name"]] = _runner(model, load_model(model, workflow))
+    meter = EnergyMeter()
+    rounds: dict[str, list[list[float]]] = {name: [] for name in runners}
+    readings: dict[str, list] = {name: [] for name in runners}
+    with torch.no_grad():
+        for runner in runners.values():  # warm-up: compilation (per input shape) and allocator caches
+            _timed_pass(cases, inferer, runner)
+            _timed_pass(cases, inferer, runner)
+        for _ in range(spec["rounds"]):
+            for name, runner in runners.items():
+                times: list[float] = []
+                began = time.perf_counter()
+                with measure_energy(meter=meter) as energy:
+                    while not times or time.perf_counter() - began < spec["min_seconds"]:
+                        times += _timed_pass(cases, inferer, runner)
+                    energy.samples = len(times)
+                rounds[name].append(times)
+                readings[name].append(energy.reading)
+    result = {}
+    for name, runner in runners.items():
+        times = [t for window in rounds[name] for t in window]
+        measured = None if None in readings[name] else sum(readings[name][1:], readings[name][0])
+        result[name] = {
+            "latency_ms": times,
+            "median_ms": statistics.median(times),
+            "round_medians_ms": [statistics.median(window) for window in rounds[name]],
+            "energy_j_per_case": measured.joules_per_sample if measured else None,
+            "energy_method": measured.method if measured else "unavailable (CodeCarbon failed; see the log)",
+            "mode": run_mode(runner),
+        }
+    return result
+
+
 def main(argv: list[str]) -> int:
     spec_path, output_path = Path(argv[0]), Path(argv[1])
-    result = measure_model(json.loads(spec_path.read_text()))
+    spec = json.loads(spec_path.read_text())
+    result = measure_alternating(spec) if "models" in spec else measure_model(spec)
     output_path.write_text(json.dumps(result, indent=2))
     return 0
 

@@ -1,14 +1,16 @@
 """``python -m monai_qsa benchmark --sweep``: several sizes of SAUNet and of the MONAI CNNs, each trained with the
 task bundle's recipe until validation stops improving, quantised, and timed in every run mode, so that accuracy can
 be set against cost (the fronts) and each CNN against the cheapest SAUNet of at least its accuracy (the
-matched-accuracy table). See ``docs/benchmarks.md``."""
+matched-accuracy table, whose pairs are timed once more against each other, in turn, in one process). See
+``docs/benchmarks.md``."""
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -18,9 +20,11 @@ from monai_qsa.benchmark.measure import load_network
 from monai_qsa.benchmark.report import machine_info
 from monai_qsa.benchmark.run import int8_path, measure_in_process
 from monai_qsa.benchmark.sweep_report import (
+    PAIRED_ROLES,
     chosen_models,
     fastest,
     matched_accuracy_table,
+    pair_name,
     pareto_fronts,
     write_sweep_report,
 )
@@ -34,6 +38,8 @@ SWEEP_TASKS = ("seg2d", "seg3d")
 #: each model's run modes: (precision, compiled); with ``compile=False`` only the eager ones
 TIMING_MODES = {"fp32_eager": ("fp32", False), "fp32_compiled": ("fp32", True), "int8_compiled": ("int8", True)}
 _EAGER_MODES = {"fp32_eager": ("fp32", False), "int8_eager": ("int8", False)}
+#: rounds of the paired timing of each matched pair (:func:`~monai_qsa.benchmark.measure.measure_alternating`)
+PAIRED_ROUNDS = 5
 #: first-level widths of the CNNs (UNet channels ``w, 2w, 4w, 8w``; BasicUNet features ``w, w, 2w, 4w, 8w, w``)
 CNN_WIDTHS = (8, 16, 32)
 
@@ -120,20 +126,29 @@ def _complexity(network: torch.nn.Module, report: dict) -> dict:
     }
 
 
-def _timed(run_dir: Path, mode: str, spec: dict, retime: bool) -> dict:
-    """The timing of ``spec`` (:mod:`monai_qsa.benchmark.measure`, own process), reused from ``run_dir/timing``
-    when the same spec was timed on the same model file."""
-    model_file = Path(spec["int8_path"] if spec["precision"] == "int8" else spec["checkpoint"])
-    key = {**spec, "model_mtime_ns": model_file.stat().st_mtime_ns}
-    cache = run_dir / "timing" / f"{mode}.json"
+def _cached(cache: Path, key: dict, measure: Callable[[], dict], retime: bool) -> dict:
+    """``measure()``, or the result stored in ``cache`` under the same ``key`` (unless ``retime``); the result is
+    stored there after measuring."""
     if not retime and cache.is_file():
         cached = json.loads(cache.read_text())
         if cached["spec"] == key:
             return cached["result"]
-    cache.parent.mkdir(exist_ok=True)
-    result = measure_in_process(spec, cache.parent)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    result = measure()
     cache.write_text(json.dumps({"spec": key, "result": result}, indent=2))
     return result
+
+
+def _model_file(spec: dict) -> Path:
+    return Path(spec["int8_path"] if spec["precision"] == "int8" else spec["checkpoint"])
+
+
+def _timed(run_dir: Path, mode: str, spec: dict, retime: bool) -> dict:
+    """The timing of ``spec`` (:mod:`monai_qsa.benchmark.measure`, own process), reused from ``run_dir/timing``
+    when the same spec was timed on the same model file."""
+    key = {**spec, "model_mtime_ns": _model_file(spec).stat().st_mtime_ns}
+    cache = run_dir / "timing" / f"{mode}.json"
+    return _cached(cache, key, partial(measure_in_process, spec, cache.parent), retime)
 
 
 @dataclass(frozen=True)
@@ -282,7 +297,10 @@ def run_sweep(
         volume_shape = (256, 256, 128) if spatial_dims == 3 else (512, 512)
     end_to_end_runs = 3 if volume_shape else 0
     bar = tqdm(
-        total=len(models) * (1 + (len(TIMING_MODES) if compile else len(_EAGER_MODES))) + end_to_end_runs + 1,
+        total=len(models) * (1 + (len(TIMING_MODES) if compile else len(_EAGER_MODES)))
+        + sum(model.family == "CNN" for model in models)
+        + end_to_end_runs
+        + 1,
         desc=f"sweep {task}",
         disable=not progress,
         unit="stage",
@@ -305,7 +323,9 @@ def run_sweep(
         "models": rows,
     }
     report["fronts"] = pareto_fronts(report)
-    report["matched"] = matched_accuracy_table(report)
+    report["matched"] = matched_accuracy_table(report)  # the pairs, from each model's own timing
+    report["paired"] = _paired(report, settings, bar)
+    report["matched"] = matched_accuracy_table(report)  # their ratios, from the paired timing
     report["end_to_end"] = _end_to_end(report, settings, tuple(volume_shape), bar) if volume_shape else None
     report["machine"] = machine_info()
     bar.set_postfix_str("report")
@@ -335,6 +355,66 @@ def _check_arguments(
         raise ValueError("--repeats, --threads and --max_cases must be at least 1.")
     if tolerance < 0:
         raise ValueError(f"--tolerance must be non-negative, got {tolerance}.")
+
+
+def _paired_spec(row: dict, report: dict, settings: _Settings) -> dict:
+    """The :func:`~monai_qsa.benchmark.measure.measure_alternating` spec of one pair of the matched-accuracy table:
+    its models in the roles of :data:`~monai_qsa.benchmark.sweep_report.PAIRED_ROLES`, each in its fastest mode of
+    the sweep's own timing (``timing_mode``), at the reference thread count, for :data:`PAIRED_ROUNDS` rounds of
+    ``min_seconds / PAIRED_ROUNDS`` each."""
+    threads = report["reference_threads"]
+    modes = TIMING_MODES if settings.compile else _EAGER_MODES
+    entries = []
+    for role, (model_key, precision) in PAIRED_ROLES.items():
+        model = report["models"][row[model_key]]
+        mode = fastest(model, precision, threads)["mode"]
+        entries.append(
+            {
+                "name": role,
+                "timing_mode": mode,
+                "precision": precision,
+                "network_def": model["network_def"],
+                "checkpoint": model["fp32_file"],
+                "int8_path": model["int8_file"],
+                "compile": modes[mode][1],
+            }
+        )
+    return {
+        "name": pair_name(row["cnn"], row["sa"]),
+        "models": entries,
+        "bundle_dir": str(settings.bundle),
+        "dataset_dir": str(settings.dataset),
+        "max_cases": settings.timing["max_cases"],
+        "rounds": PAIRED_ROUNDS,
+        "min_seconds": settings.timing["min_seconds"] / PAIRED_ROUNDS,
+        "threads": threads,
+    }
+
+
+def _paired(report: dict, settings: _Settings, bar) -> dict:
+    """Each pair of the matched-accuracy table timed once more in one process, the SA model in int8 and the CNN in
+    fp32 and in int8 in turn, round after round (:func:`_paired_spec`), so that the table's ratios do not depend on
+    how fast the machine happened to run when each model was timed on its own. Reused from ``runs/paired`` when the
+    same model files were timed with the same settings.
+
+    Returns:
+        ``{pair_name(cnn, sa): {role: timing}}``, each timing as
+        :func:`~monai_qsa.benchmark.measure.measure_alternating` gives it, plus the sweep's ``timing_mode``.
+    """
+    paired = {}
+    for row in report["matched"]:
+        if row["sa"] is not None:
+            spec = _paired_spec(row, report, settings)
+            bar.set_postfix_str(f"paired timing {spec['name']}")
+            key = {**spec, "model_mtimes_ns": [_model_file(entry).stat().st_mtime_ns for entry in spec["models"]]}
+            cache = settings.runs / "paired" / f"{spec['name']}.json"
+            result = _cached(cache, key, partial(measure_in_process, spec, cache.parent), settings.retime)
+            paired[spec["name"]] = {
+                entry["name"]: {**result[entry["name"]], "timing_mode": entry["timing_mode"]}
+                for entry in spec["models"]
+            }
+        bar.update()
+    return paired
 
 
 def _end_to_end(report: dict, settings: _Settings, shape: tuple[int, ...], bar) -> dict:

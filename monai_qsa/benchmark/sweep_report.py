@@ -21,7 +21,9 @@ __all__ = [
     "write_sweep_report",
     "readme_summary",
     "update_readme_with_sweep",
+    "pair_name",
     "COSTS",
+    "PAIRED_ROLES",
     "TARGETS",
 ]
 
@@ -30,6 +32,9 @@ COSTS = {"latency_ms": "latency per case (ms, median)", "energy_j": "energy per 
 #: the product's target at matched accuracy: SA int8 latency and energy at most these multiples of the CNN's, per CNN
 #: precision
 TARGETS = {"fp32": 0.5, "int8": 1.0}
+#: the models of a matched pair timed in turn (``report["paired"]``): role → (the matched row's key naming the
+#: model, precision)
+PAIRED_ROLES = {"sa_int8": ("sa", "int8"), "cnn_fp32": ("cnn", "fp32"), "cnn_int8": ("cnn", "int8")}
 
 
 def fastest(row: dict, precision: str, threads: int) -> dict:
@@ -87,6 +92,21 @@ def pareto_fronts(report: dict) -> dict:
     return {cost: [f"{p['model']} {p['precision']}" for p in pareto_front(every, cost)] for cost in COSTS}
 
 
+def pair_name(cnn: str, sa: str) -> str:
+    """The key of a matched pair in ``report["paired"]`` (and the name of its timing files)."""
+    return f"{cnn}--{sa}"
+
+
+def _paired_costs(timing: dict) -> dict:
+    """A paired timing (:func:`~monai_qsa.benchmark.measure.measure_alternating`) as :func:`fastest` gives costs."""
+    return {
+        "mode": timing["timing_mode"],
+        "latency_ms": timing["median_ms"],
+        "energy_j": timing["energy_j_per_case"],
+        "energy_method": timing["energy_method"],
+    }
+
+
 def _ratio(sa: float | None, cnn: float | None) -> float | None:
     return None if sa is None or not cnn else sa / cnn
 
@@ -105,10 +125,12 @@ def matched_accuracy_table(report: dict) -> list[dict]:
     """For each CNN of the report, the cheapest (latency, fastest mode, reference threads) SA int8 model whose
     validation metric is at least the CNN's fp32 metric minus the report's ``tolerance``, with SA int8 / CNN ratios of
     latency, energy, stored size, multiply-adds and parameters against the CNN in fp32 (its fastest mode) and in
-    int8. ``sa`` is None where no SA model is that accurate.
+    int8. ``sa`` is None where no SA model is that accurate. The SA model is chosen from each model's own timing;
+    where ``report["paired"]`` holds the pair timed in turn (see :data:`PAIRED_ROLES`), the latencies and energies
+    of the row come from that timing (``timed_in_turn`` True).
 
     Returns:
-        rows ``{"cnn", "cnn_metric", "sa", "sa_metric", "sa_latency_ms", "cnn_fp32_latency_ms",
+        rows ``{"cnn", "cnn_metric", "sa", "sa_metric", "timed_in_turn", "sa_latency_ms", "cnn_fp32_latency_ms",
         "cnn_int8_latency_ms", "vs_cnn_fp32": {"latency", "energy", "size", "flops", "parameters"}, "vs_cnn_int8":
         {...}}``.
     """
@@ -123,24 +145,28 @@ def matched_accuracy_table(report: dict) -> list[dict]:
             for name, row in models.items()
             if row["family"] == "SA" and row["int8_metric"] >= target
         ]
-        cnn_fp32, cnn_int8 = fastest(cnn_row, "fp32", threads), fastest(cnn_row, "int8", threads)
-        row = {
-            "cnn": cnn,
-            "cnn_metric": cnn_row["fp32_metric"],
-            "cnn_fp32_latency_ms": cnn_fp32["latency_ms"],
-            "cnn_int8_latency_ms": cnn_int8["latency_ms"],
-            "sa": None,
-        }
+        costs = {"cnn_fp32": fastest(cnn_row, "fp32", threads), "cnn_int8": fastest(cnn_row, "int8", threads)}
+        row = {"cnn": cnn, "cnn_metric": cnn_row["fp32_metric"], "sa": None}
         if accurate:
             sa = min(accurate)[1]
-            sa_row, sa_int8 = models[sa], fastest(models[sa], "int8", threads)
+            sa_row = models[sa]
+            paired = report.get("paired", {}).get(pair_name(cnn, sa))
+            if paired:
+                costs = {role: _paired_costs(timing) for role, timing in paired.items()}
+            else:
+                costs["sa_int8"] = fastest(sa_row, "int8", threads)
             row |= {
                 "sa": sa,
                 "sa_metric": sa_row["int8_metric"],
-                "sa_latency_ms": sa_int8["latency_ms"],
-                "vs_cnn_fp32": _ratios(sa_int8, cnn_fp32, sa_row, cnn_row, "fp32"),
-                "vs_cnn_int8": _ratios(sa_int8, cnn_int8, sa_row, cnn_row, "int8"),
+                "timed_in_turn": paired is not None,
+                "sa_latency_ms": costs["sa_int8"]["latency_ms"],
+                "vs_cnn_fp32": _ratios(costs["sa_int8"], costs["cnn_fp32"], sa_row, cnn_row, "fp32"),
+                "vs_cnn_int8": _ratios(costs["sa_int8"], costs["cnn_int8"], sa_row, cnn_row, "int8"),
             }
+        row |= {
+            "cnn_fp32_latency_ms": costs["cnn_fp32"]["latency_ms"],
+            "cnn_int8_latency_ms": costs["cnn_int8"]["latency_ms"],
+        }
         rows.append(row)
     return rows
 
@@ -287,7 +313,8 @@ def markdown_sweep_report(report: dict) -> str:
             "",
             f"## Matched accuracy: cheapest SA int8 with {report['metric']} ≥ the CNN's − {report['tolerance']}",
             "",
-            f"Ratios SA int8 / CNN ({threads} threads, each model in its fastest mode; below 1: SA is cheaper).",
+            f"Ratios SA int8 / CNN ({threads} threads, each model in its fastest mode, {_timing_of_pairs(report)}; "
+            "below 1: SA is cheaper).",
             "",
             *_matched_table(report),
             "",
@@ -307,7 +334,9 @@ def markdown_sweep_report(report: dict) -> str:
             f"- Latency: median per validation case (bundle preprocessing done, validation sliding-window inferer) "
             f"over at least {report['repeats']} passes of {report['max_cases']} cases and {report['min_seconds']:g} s "
             "per model, mode and thread count, each model in its own process; fastest mode per precision for every "
-            "comparison.",
+            "comparison. The matched table's pairs are then timed once more in one process, the SA model and the "
+            "CNN in fp32 and in int8 in turn, round after round (the same total time per model), so that the "
+            "machine's changing speed reaches both alike.",
             f"- Energy: {'; '.join(sorted(methods))}; measured over the same window as the latency.",
             f"- Machine: {machine['cpu']} ({', '.join(machine['isa']) or 'no AVX2/AVX-512'}), "
             f"{machine['logical_cpus']} logical CPUs, torch {machine['torch']}, MONAI {machine['monai']}, "
@@ -381,6 +410,18 @@ def _reductions_line(matched: list[dict], energy_method: str) -> str:
     )
 
 
+def _timing_of_pairs(report: dict) -> str:
+    """How the matched table's latencies and energies were timed, for the text above it."""
+    rounds = {len(t["round_medians_ms"]) for pair in report.get("paired", {}).values() for t in pair.values()}
+    pairs = [row for row in report["matched"] if row["sa"] is not None]
+    if pairs and all(row["timed_in_turn"] for row in pairs):
+        return (
+            f"each SA model timed against its CNN in turn, in one process ({', '.join(map(str, sorted(rounds)))} "
+            "rounds)"
+        )
+    return "each model timed on its own"
+
+
 def readme_summary(report: dict, relative_to: str | os.PathLike = ".") -> str:
     """The sweep's result for a README: the matched-accuracy table with the ratios a user compares, whether the
     product's targets (:data:`TARGETS`) and the paper's published reductions hold, and the two front plots (linked
@@ -389,8 +430,8 @@ def readme_summary(report: dict, relative_to: str | os.PathLike = ".") -> str:
     machine = report["machine"]
     lines = [
         f"Cheapest SA int8 model at matched accuracy ({metric} ≥ the CNN's − {report['tolerance']}), each model in "
-        f"its fastest mode, {threads} threads, {machine['cpu']} ({machine['logical_cpus']} logical CPUs); below 1 the "
-        "SA model is cheaper:",
+        f"its fastest mode, {_timing_of_pairs(report)}, {threads} threads, {machine['cpu']} "
+        f"({machine['logical_cpus']} logical CPUs); below 1 the SA model is cheaper:",
         "",
         f"| CNN ({metric} fp32) | SA int8 ({metric}) | latency / CNN fp32 | latency / CNN int8 | energy / CNN fp32 "
         "| energy / CNN int8 | multiply-adds | parameters | size (SA int8 / CNN fp32) |",
