@@ -7,7 +7,8 @@ run. Prints medians and ratios measured in this run, and at the end the summary 
 
 The forms of a network are compiled again for each thread count (Inductor writes its kernels for the thread count in
 force when it compiles: serial code at 1 thread) and timed in turn, one call of each per round, so that changes in
-the machine's speed during the run reach them alike. Inputs are random (latency does not depend on the values);
+the machine's speed during the run reach them alike (SAUNet's forms among themselves, BasicUNet's likewise: the
+ratios between the two networks come from separate windows). Inputs are random (latency does not depend on the values);
 calibration uses 2 random batches.
 
     python perf/bench_quantization.py [--repeats 10] [--cases 2d 3d attention-2d attention-3d] [--saunet-only]
@@ -21,6 +22,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 
 import torch
 from monai.networks.nets import BasicUNet
@@ -67,7 +69,7 @@ CLOCKS = ("wall", "thread")
 _clock = "wall"
 
 
-def _timer():
+def _timer() -> Callable[[], float]:
     """The clock chosen (``CLOCKS``) for the current thread count."""
     return time.thread_time if _clock == "thread" and torch.get_num_threads() == 1 else time.perf_counter
 

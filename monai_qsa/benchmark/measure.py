@@ -107,34 +107,34 @@ def measure_model(spec: dict) -> dict:
     workflow = bundle_workflow(spec["bundle_dir"], spec["dataset_dir"], spec["network_def"])
     cases, inferer = load_cases(workflow, spec["max_cases"])
     model = load_model(spec, workflow)
-    meter = EnergyMeter()
     result: dict = {"cases": len(cases)}
-    for threads in spec["threads"]:
-        torch.set_num_threads(threads)
-        torch._dynamo.reset()  # Inductor fixes the thread count of its kernels when it compiles them
-        runner = _runner(spec, model)
-        times = []
-        with torch.no_grad():
-            for case in cases:  # warm-up: compilation (per input shape) and allocator caches
-                inferer(case, runner)
-                inferer(case, runner)
-            # at least `repeats` passes, and more until `min_seconds` have passed: CodeCarbon samples power about
-            # once a second, so shorter windows give meaningless energy figures
-            began = time.perf_counter()
-            with measure_energy(meter=meter) as energy:
-                passes = 0
-                while passes < spec["repeats"] or time.perf_counter() - began < spec["min_seconds"]:
-                    times += _timed_pass(cases, inferer, runner)
-                    passes += 1
-                energy.samples = len(times)
-        reading = energy.reading
-        result["mode"] = run_mode(runner)
-        result[str(threads)] = {
-            "latency_ms": times,
-            "median_ms": statistics.median(times),
-            "energy_j_per_case": reading.joules_per_sample if reading else None,
-            "energy_method": reading.method if reading else "unavailable (CodeCarbon failed; see the log)",
-        }
+    with EnergyMeter() as meter:
+        for threads in spec["threads"]:
+            torch.set_num_threads(threads)
+            torch._dynamo.reset()  # Inductor fixes the thread count of its kernels when it compiles them
+            runner = _runner(spec, model)
+            times = []
+            with torch.no_grad():
+                for case in cases:  # warm-up: compilation (per input shape) and allocator caches
+                    inferer(case, runner)
+                    inferer(case, runner)
+                # at least `repeats` passes, and more until `min_seconds` have passed: CodeCarbon samples power about
+                # once a second, so shorter windows give meaningless energy figures
+                began = time.perf_counter()
+                with measure_energy(meter=meter) as energy:
+                    passes = 0
+                    while passes < spec["repeats"] or time.perf_counter() - began < spec["min_seconds"]:
+                        times += _timed_pass(cases, inferer, runner)
+                        passes += 1
+                    energy.samples = len(times)
+            reading = energy.reading
+            result["mode"] = run_mode(runner)
+            result[str(threads)] = {
+                "latency_ms": times,
+                "median_ms": statistics.median(times),
+                "energy_j_per_case": reading.joules_per_sample if reading else None,
+                "energy_method": reading.method if reading else "unavailable (CodeCarbon failed; see the log)",
+            }
     return result
 
 
@@ -148,7 +148,7 @@ def measure_alternating(spec: dict) -> dict:
         spec: ``models``, each with ``name``, ``precision``, ``network_def``, ``checkpoint`` or ``int8_path`` and
             ``compile`` as in :func:`measure_model`; ``bundle_dir``, ``dataset_dir``, ``max_cases``, ``rounds``,
             ``min_seconds`` (per model and round: one pass over the cases, and more until this much time has gone;
-            also the window of each energy reading), ``threads`` (one count).
+            also the window of each energy reading, summed over the rounds), ``threads`` (one count).
 
     Returns:
         ``{name: {"latency_ms": [...], "median_ms", "round_medians_ms": [...], "energy_j_per_case",
@@ -158,6 +158,8 @@ def measure_alternating(spec: dict) -> dict:
     from monai_qsa.utils.compile import run_mode
     from monai_qsa.utils.energy import EnergyMeter, measure_energy
 
+    if spec["rounds"] < 1:
+        raise ValueError(f"rounds must be at least 1, got {spec['rounds']}.")
     torch.set_num_threads(spec["threads"])
     runners, cases, inferer = {}, None, None
     for model in spec["models"]:
@@ -165,10 +167,9 @@ def measure_alternating(spec: dict) -> dict:
         if cases is None:
             cases, inferer = load_cases(workflow, spec["max_cases"])
         runners[model["name"]] = _runner(model, load_model(model, workflow))
-    meter = EnergyMeter()
     rounds: dict[str, list[list[float]]] = {name: [] for name in runners}
     readings: dict[str, list] = {name: [] for name in runners}
-    with torch.no_grad():
+    with torch.no_grad(), EnergyMeter() as meter:
         for runner in runners.values():  # warm-up: compilation (per input shape) and allocator caches
             _timed_pass(cases, inferer, runner)
             _timed_pass(cases, inferer, runner)

@@ -46,7 +46,8 @@ def run_in_process(module: str, spec: dict, spec_path: Path, result_path: Path, 
 
 
 def measure_in_process(spec: dict, work_dir: Path) -> dict:
-    """Run :func:`monai_qsa.benchmark.measure.measure_model` for ``spec`` in a fresh process (its spec and result
+    """Run :func:`monai_qsa.benchmark.measure.measure_model` (or, for a spec with ``models``,
+    :func:`~monai_qsa.benchmark.measure.measure_alternating`) for ``spec`` in a fresh process (its spec and result
     files are written to ``work_dir``, named after ``spec["name"]``).
 
     Raises:

@@ -140,6 +140,7 @@ def _cached(cache: Path, key: dict, measure: Callable[[], dict], retime: bool) -
 
 
 def _model_file(spec: dict) -> Path:
+    """The file a timing spec loads: the int8 program or the fp32 checkpoint."""
     return Path(spec["int8_path"] if spec["precision"] == "int8" else spec["checkpoint"])
 
 

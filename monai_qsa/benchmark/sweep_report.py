@@ -151,7 +151,7 @@ def matched_accuracy_table(report: dict) -> list[dict]:
             sa = min(accurate)[1]
             sa_row = models[sa]
             paired = report.get("paired", {}).get(pair_name(cnn, sa))
-            if paired:
+            if paired is not None:
                 costs = {role: _paired_costs(timing) for role, timing in paired.items()}
             else:
                 costs["sa_int8"] = fastest(sa_row, "int8", threads)
@@ -337,7 +337,8 @@ def markdown_sweep_report(report: dict) -> str:
             "comparison. The matched table's pairs are then timed once more in one process, the SA model and the "
             "CNN in fp32 and in int8 in turn, round after round (the same total time per model), so that the "
             "machine's changing speed reaches both alike.",
-            f"- Energy: {'; '.join(sorted(methods))}; measured over the same window as the latency.",
+            f"- Energy: {'; '.join(sorted(methods))}; measured over the same windows as the latency (for the "
+            "matched pairs: one window per model and round, summed).",
             f"- Machine: {machine['cpu']} ({', '.join(machine['isa']) or 'no AVX2/AVX-512'}), "
             f"{machine['logical_cpus']} logical CPUs, torch {machine['torch']}, MONAI {machine['monai']}, "
             f"Python {machine['python']}.",
@@ -414,7 +415,7 @@ def _timing_of_pairs(report: dict) -> str:
     """How the matched table's latencies and energies were timed, for the text above it."""
     rounds = {len(t["round_medians_ms"]) for pair in report.get("paired", {}).values() for t in pair.values()}
     pairs = [row for row in report["matched"] if row["sa"] is not None]
-    if pairs and all(row["timed_in_turn"] for row in pairs):
+    if pairs and all(row.get("timed_in_turn") for row in pairs):  # reports written before pairs were timed lack it
         return (
             f"each SA model timed against its CNN in turn, in one process ({', '.join(map(str, sorted(rounds)))} "
             "rounds)"
