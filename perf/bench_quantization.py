@@ -1,15 +1,16 @@
 """fp32 vs int8 latency and file size of SAUNet against MONAI's BasicUNet (the CNN baseline), 2D and 3D, at 1 and
 2 threads, eager and compiled, both quantisation backends, with the int8 engine's steps one by one (PT2E only, +
-int8 attention, + its projection fused, + int8 3D convolutions); and the attention operator alone: the fp32 fused
-kernel against the int8 kernel on each instruction-set path this CPU runs, with the int8 kernel's integer
-operations per second against this machine's int8 peak (a large ``torch._int_mm``, oneDNN), measured in the same
-run. Prints medians and ratios measured in this run, and at the end the summary table of docs/int8_attention.md.
+int8 attention, + its projection fused, + the restore head fused, + int8 3D convolutions); and the attention
+operator alone: the fp32 fused kernel against the int8 kernel on each instruction-set path this CPU runs, with the
+int8 kernel's integer operations per second against this machine's int8 peak (a large ``torch._int_mm``, oneDNN),
+measured in the same run. Prints medians and ratios measured in this run, and at the end the summary table of
+docs/int8_attention.md.
 
-The forms of a network are compiled again for each thread count (Inductor writes its kernels for the thread count in
-force when it compiles: serial code at 1 thread) and timed in turn, one call of each per round, so that changes in
-the machine's speed during the run reach them alike (SAUNet's forms among themselves, BasicUNet's likewise: the
-ratios between the two networks come from separate windows). Inputs are random (latency does not depend on the values);
-calibration uses 2 random batches.
+The forms of a network are compiled for each thread count (TorchDynamo guards on it and compiles again when it
+changes: Inductor writes its kernels for the count in force, serial code at 1 thread) and timed in turn, one call of
+each per round, the order turning each round, so that changes in the machine's speed during the run reach them alike
+(SAUNet's forms among themselves, BasicUNet's likewise: the ratios between the two networks come from separate
+windows). Inputs are random (latency does not depend on the values); calibration uses 2 random batches.
 
     python perf/bench_quantization.py [--repeats 10] [--cases 2d 3d attention-2d attention-3d] [--saunet-only]
 """
@@ -39,6 +40,7 @@ from monai_qsa.quantization import quantize_ptq, save_quantized
 from monai_qsa.utils.compile import compile_for_cpu
 from monai_qsa.utils.complexity import count_flops, count_parameters, serialized_size
 from monai_qsa.utils.cpu import cpu_model
+from monai_qsa.utils.timing import in_turn
 from monai_qsa.utils.timing import median_seconds as timed_median
 
 #: input shape of each case and the bundle whose SAUNet it times (against BasicUNet's default)
@@ -50,15 +52,18 @@ CASES = {"2d": ((1, 1, 256, 256), "sa_seg"), "3d": ((1, 1, 96, 96, 96), "sa_seg3
 ATTENTION_CASES = {"attention-2d": (2, (128, 128), 64, 4, 7), "attention-3d": (3, (32, 32, 32), 32, 2, 5)}
 #: the int8 engine step by step: PT2E alone (fp32 attention, 3D convolutions computed in fp32), + the int8
 #: attention (its projection a separate int8 convolution), + the projection fused into the attention's kernel,
-#: + int8 3D convolutions (``int8_conv3d=True``, as sa_seg3d quantises); each compiled with freezing
+#: + the resolution restore and head as one operator (2D SAUNets), + int8 3D convolutions (``int8_conv3d=True``,
+#: as sa_seg3d quantises); each compiled with freezing
 PT2E_FORM = "int8 x86_inductor compiled"
 INT8_ATTENTION_FORM = "int8 + int8 attention compiled"
 FUSED_FORM = "int8 + int8 attention, fused projection compiled"
-INT8_ENGINE_FORM = "int8 + fused int8 attention + int8 conv3d compiled"
+RESTORE_FORM = "int8 + fused int8 attention + fused restore head compiled"
+INT8_ENGINE_FORM = "int8 + fused int8 attention, restore head + int8 conv3d compiled"
 ENGINE_OPTIONS = {
-    PT2E_FORM: dict(int8_attention=False, int8_conv3d=False),
-    INT8_ATTENTION_FORM: dict(int8_attention=True, int8_conv3d=False, fuse_projections=False),
-    FUSED_FORM: dict(int8_attention=True, int8_conv3d=False),
+    PT2E_FORM: dict(int8_attention=False, int8_conv3d=False, fuse_restore_head=False),
+    INT8_ATTENTION_FORM: dict(int8_attention=True, int8_conv3d=False, fuse_projections=False, fuse_restore_head=False),
+    FUSED_FORM: dict(int8_attention=True, int8_conv3d=False, fuse_restore_head=False),
+    RESTORE_FORM: dict(int8_attention=True, int8_conv3d=False),
     INT8_ENGINE_FORM: dict(int8_attention=True, int8_conv3d=True),
 }
 #: side of the square int8 matrices whose product measures the int8 peak
@@ -152,19 +157,20 @@ def variants(
 
 def time_in_turn(runners: dict[str, torch.nn.Module], x: torch.Tensor, repeats: int) -> dict[str, float]:
     """Median seconds of one call of each runner on the chosen clock, the runners called in turn for ``repeats``
-    rounds after two warm-up calls each, so that changes in the machine's speed during the run reach every form
-    alike."""
+    rounds (:func:`~monai_qsa.utils.timing.in_turn`, the order turning each round) after two warm-up calls each, so
+    that changes in the machine's speed during the run reach every form alike."""
     clock = _timer()
-    samples: dict[str, list[float]] = {form: [] for form in runners}
+
+    def call(form: str) -> float:
+        start = clock()
+        runners[form](x)
+        return clock() - start
+
     with torch.no_grad():
         for runner in runners.values():  # compilation, allocator caches
             runner(x)
             runner(x)
-        for _ in range(repeats):
-            for form, runner in runners.items():
-                start = clock()
-                runner(x)
-                samples[form].append(clock() - start)
+        samples = in_turn(call, list(runners), repeats)
     return {form: statistics.median(times) for form, times in samples.items()}
 
 
@@ -206,6 +212,9 @@ def main() -> None:
     for case in (case for case in args.cases if case in ATTENTION_CASES):
         operator_rows += bench_attention(case, args.repeats)
     for case in (case for case in args.cases if case in CASES):
+        # a fresh start for each case: the 2D and 3D SAUNets share one forward, which Dynamo would otherwise compile
+        # for dynamic shapes after the first case (and Inductor cannot lower 3D SAUNets that way, docs/networks.md)
+        torch._dynamo.reset()
         shape, bundle = CASES[case]
         dims = len(shape) - 2
         x = torch.randn(shape)
@@ -223,10 +232,7 @@ def main() -> None:
                     f"int8 file {int8_bytes / 1e6:.2f} MB ({int8_bytes / fp32_bytes:.2f}x)"
                 )
                 for threads in (1, 2):
-                    torch.set_num_threads(threads)
-                    # Inductor writes its kernels for the thread count in force when it compiles (serial code at
-                    # 1 thread): compile every form again for each count
-                    torch._dynamo.reset()
+                    torch.set_num_threads(threads)  # TorchDynamo compiles every form again for each count
                     runners = {
                         form: model if freezing is None else compile_for_cpu(model, freezing=freezing)
                         for form, (model, freezing) in forms.items()

@@ -110,8 +110,7 @@ def measure_model(spec: dict) -> dict:
     result: dict = {"cases": len(cases)}
     with EnergyMeter() as meter:
         for threads in spec["threads"]:
-            torch.set_num_threads(threads)
-            torch._dynamo.reset()  # Inductor fixes the thread count of its kernels when it compiles them
+            torch.set_num_threads(threads)  # TorchDynamo guards on it: compiled code is compiled again per count
             runner = _runner(spec, model)
             times = []
             with torch.no_grad():
@@ -139,10 +138,10 @@ def measure_model(spec: dict) -> dict:
 
 
 def measure_alternating(spec: dict) -> dict:
-    """Per-case latency and energy of a few models timed in turn in one process, round after round: changes in the
-    machine's speed while they run (other jobs, a shared VM's neighbours) then reach every model alike, which
-    timings taken minutes apart in separate processes cannot promise. The fair way to compare models' latency on a
-    shared machine.
+    """Per-case latency and energy of a few models timed in turn in one process, round after round, the order
+    turning each round (:func:`~monai_qsa.utils.timing.in_turn`): changes in the machine's speed while they run
+    then reach every model alike, which timings taken minutes apart in separate processes cannot promise. The fair
+    way to compare models' latency on a shared machine.
 
     Args:
         spec: ``models``, each with ``name``, ``precision``, ``network_def``, ``checkpoint`` or ``int8_path`` and
@@ -157,9 +156,8 @@ def measure_alternating(spec: dict) -> dict:
     """
     from monai_qsa.utils.compile import run_mode
     from monai_qsa.utils.energy import EnergyMeter, measure_energy
+    from monai_qsa.utils.timing import in_turn
 
-    if spec["rounds"] < 1:
-        raise ValueError(f"rounds must be at least 1, got {spec['rounds']}.")
     torch.set_num_threads(spec["threads"])
     runners, cases, inferer = {}, None, None
     for model in spec["models"]:
@@ -167,30 +165,32 @@ def measure_alternating(spec: dict) -> dict:
         if cases is None:
             cases, inferer = load_cases(workflow, spec["max_cases"])
         runners[model["name"]] = _runner(model, load_model(model, workflow))
-    rounds: dict[str, list[list[float]]] = {name: [] for name in runners}
-    readings: dict[str, list] = {name: [] for name in runners}
     with torch.no_grad(), EnergyMeter() as meter:
         for runner in runners.values():  # warm-up: compilation (per input shape) and allocator caches
             _timed_pass(cases, inferer, runner)
             _timed_pass(cases, inferer, runner)
-        for _ in range(spec["rounds"]):
-            for name, runner in runners.items():
-                times: list[float] = []
-                began = time.perf_counter()
-                with measure_energy(meter=meter) as energy:
-                    while not times or time.perf_counter() - began < spec["min_seconds"]:
-                        times += _timed_pass(cases, inferer, runner)
-                    energy.samples = len(times)
-                rounds[name].append(times)
-                readings[name].append(energy.reading)
+
+        def window(name: str) -> tuple[list[float], object]:
+            """One round of ``name``: passes over the cases for ``min_seconds``, and their energy reading."""
+            times: list[float] = []
+            began = time.perf_counter()
+            with measure_energy(meter=meter) as energy:
+                while not times or time.perf_counter() - began < spec["min_seconds"]:
+                    times += _timed_pass(cases, inferer, runners[name])
+                energy.samples = len(times)
+            return times, energy.reading
+
+        measured_rounds = in_turn(window, list(runners), spec["rounds"])
     result = {}
     for name, runner in runners.items():
-        times = [t for window in rounds[name] for t in window]
-        measured = None if None in readings[name] else sum(readings[name][1:], readings[name][0])
+        rounds = [times for times, _ in measured_rounds[name]]
+        readings = [reading for _, reading in measured_rounds[name]]
+        times = [t for window_times in rounds for t in window_times]
+        measured = None if None in readings else sum(readings[1:], readings[0])
         result[name] = {
             "latency_ms": times,
             "median_ms": statistics.median(times),
-            "round_medians_ms": [statistics.median(window) for window in rounds[name]],
+            "round_medians_ms": [statistics.median(window_times) for window_times in rounds],
             "energy_j_per_case": measured.joules_per_sample if measured else None,
             "energy_method": measured.method if measured else "unavailable (CodeCarbon failed; see the log)",
             "mode": run_mode(runner),

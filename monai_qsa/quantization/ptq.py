@@ -18,6 +18,7 @@ from monai_qsa.quantization.calibration import calibrate, calibrate_swaps, calib
 from monai_qsa.quantization.graph_prep import match_quantizer_patterns
 from monai_qsa.quantization.int8_attention import fuse_attention_projections, observe_attention
 from monai_qsa.quantization.int8_conv3d import observe_conv3d
+from monai_qsa.quantization.int8_restore import fuse_restore_heads
 from monai_qsa.utils.third_party import import_torchao_pt2e
 
 logger = logging.getLogger(__name__)
@@ -165,7 +166,7 @@ def _weight_only_int8_convolutions(graph_module: torch.fx.GraphModule) -> int:
 
 def _quantize_pt2e(
     model: nn.Module, batches: Callable[[], Iterator[torch.Tensor]], example_inputs: tuple, inferer: Callable | None,
-    int8_attention: bool, int8_conv3d: bool, fuse_projections: bool,
+    int8_attention: bool, int8_conv3d: bool, fuse_projections: bool, fuse_restore_head: bool,
 ) -> nn.Module:  # fmt: skip
     import_torchao_pt2e()  # first import without torchao's CUDA/Triton/pytree notices
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -192,6 +193,8 @@ def _quantize_pt2e(
     weight_only_3d -= calibrate_swaps(converted, finishers, batches(), inferer=inferer)[1]
     if int8_attention and fuse_projections:
         fuse_attention_projections(converted)
+    if fuse_restore_head:
+        fuse_restore_heads(converted)
     if weight_only_3d:
         logger.warning(
             f"x86_inductor: {weight_only_3d} 3D convolutions are stored in int8 but computed in fp32 "
@@ -291,6 +294,7 @@ def quantize_ptq(
     int8_attention: bool = True,
     int8_conv3d: bool = False,
     fuse_projections: bool = True,
+    fuse_restore_head: bool = True,
 ) -> nn.Module:
     """
     Static post-training int8 quantisation, calibrated on real batches. Convolutions (the SASA query/key/value
@@ -323,6 +327,10 @@ def quantize_ptq(
         fuse_projections: with ``int8_attention``: compute each SASA layer's query/key/value projection in the
             attention's kernel, from the layer's fp32 input (default; measured 1.16-1.30x faster networks, see
             docs/int8_attention.md), instead of as an int8 convolution of its own.
+        fuse_restore_head: ``x86_inductor`` only: compute a 2D SAUNet's resolution restore and head (pixel shuffle,
+            image skip, 3x3 int8 refinement + ReLU, 1x1 int8 head) as one operator,
+            ``torch.ops.monai_qsa.restore_head_int8`` (default; the same quantisation points and int8 weights, up
+            to the order of fp32 sums, see docs/int8_attention.md).
 
     Returns:
         the int8 model in eval mode (an :class:`InferenceGraph` for ``x86_inductor``, the rewritten module for
@@ -338,7 +346,9 @@ def quantize_ptq(
     if backend == "x86_inductor":
         data = reiterable(calibration_data, num_batches)
         batches = functools.partial(calibration_tensors, data, num_batches, image_key)  # one pass per calibration
-        return _quantize_pt2e(model, batches, example_inputs, inferer, int8_attention, int8_conv3d, fuse_projections)
+        return _quantize_pt2e(
+            model, batches, example_inputs, inferer, int8_attention, int8_conv3d, fuse_projections, fuse_restore_head
+        )
     qmodel = _quantize_eager(model, calibration_tensors(calibration_data, num_batches, image_key), inferer)
     qmodel.monai_qsa_backend = backend
     return qmodel

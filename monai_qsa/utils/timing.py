@@ -8,9 +8,12 @@ import os
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
-__all__ = ["median_seconds", "peak_memory_bytes", "repeated_seconds"]
+T = TypeVar("T")
+
+__all__ = ["in_turn", "median_seconds", "peak_memory_bytes", "repeated_seconds"]
 
 
 def repeated_seconds(
@@ -28,6 +31,26 @@ def repeated_seconds(
         fn()
         times.append(clock() - start)
     return times
+
+
+def in_turn(measure: Callable[[str], T], names: Sequence[str], rounds: int) -> dict[str, list[T]]:
+    """``measure(name)`` of each of ``names``, one after another, round after round: changes in the machine's speed
+    (other jobs, a shared VM's neighbours) then reach every name alike, which measurements minutes apart cannot
+    promise. The order turns by one place each round, so that each name runs first (after the previous round's
+    last) as often as the others, not always in the same place.
+
+    Returns:
+        the results of each name, in round order.
+    """
+    names = list(names)
+    if rounds < 1 or not names:
+        raise ValueError(f"in_turn needs names and at least 1 round, got {len(names)} names and {rounds} rounds.")
+    results: dict[str, list[T]] = {name: [] for name in names}
+    for turn in range(rounds):
+        first = turn % len(names)
+        for name in names[first:] + names[:first]:
+            results[name].append(measure(name))
+    return results
 
 
 def median_seconds(

@@ -18,7 +18,7 @@
  *
  * The projection itself (the 1x1(x1) convolution giving q, k and v) can be computed here too, from the layer's input
  * and fp32 weights (projected_local_attention_int8): row by row, in fp32, summed over the input channels in their
- * order with one rounding per product and per sum (no fused multiply-adds there: PROJECTION_ROUNDING), so that
+ * order with one rounding per product and per sum (no fused multiply-adds there: UNFUSED_ROUNDING), so that
  * PyTorch operations reproduce it exactly; the projection then never leaves the thread's scratch memory.
  *
  * All dot products are "4 bytes per int32 lane" products, u8 x s8 as vpdpbusd wants them:
@@ -41,7 +41,11 @@
  * The logit of neighbour (i, j, l) is alpha * (q8 . k8_ijl) + beta * (q8 . rel8[i] + q8 . rel8[kd + j]
  * + q8 . rel8[kd + kh + l]) with alpha = scale * q_scale * k_scale, beta = scale * q_scale * table_scale (each
  * axis term scaled on its own); neighbours outside the image take no part in the softmax.
+ *
+ * The end of the file holds a second kernel on the same dot products and paths: restore_head_int8, a SAUNet's
+ * resolution restore and head (restore_head_int8.py).
  */
+#include <float.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -484,22 +488,22 @@ static void quantize_row(const float *row, int64_t next_row, int64_t s_part, int
  * contraction into fused multiply-adds there (GCC: a function attribute; clang: a pragma in the function body). The
  * rest of the kernel may contract (measured: forbidding it everywhere made the 3D attention 1.4x slower). */
 #if defined(__clang__)
-#define PROJECTION_FUNCTION
-#define PROJECTION_ROUNDING _Pragma("clang fp contract(off)")
+#define UNFUSED_FUNCTION
+#define UNFUSED_ROUNDING _Pragma("clang fp contract(off)")
 #else
-#define PROJECTION_FUNCTION __attribute__((optimize("fp-contract=off")))
-#define PROJECTION_ROUNDING
+#define UNFUSED_FUNCTION __attribute__((optimize("fp-contract=off")))
+#define UNFUSED_ROUNDING
 #endif
 
 /* LANES positions of `count` projected channels (count a constant where inlined): out[c] = bias[c] + sum over i of
  * weight[c][i] input[i], summed in the order of i */
-static inline PROJECTION_FUNCTION __attribute__((always_inline)) void project_lanes(const float *input,
+static inline UNFUSED_FUNCTION __attribute__((always_inline)) void project_lanes(const float *input,
                                                                                     int64_t input_stride,
                                                                                     int64_t in_channels,
                                                                                     const float *weight,
                                                                                     const float *bias, const int count,
                                                                                     float *out, int64_t out_stride) {
-    PROJECTION_ROUNDING
+    UNFUSED_ROUNDING
     const f32x16 zero = {0};
     f32x16 acc[PROJECTED];
     for (int c = 0; c < count; c++) acc[c] = zero + (bias != NULL ? bias[c] : 0.f);
@@ -515,7 +519,7 @@ static inline PROJECTION_FUNCTION __attribute__((always_inline)) void project_la
  * in_channels) x the row's input (in_channels, W; channel stride s_channel, position stride s_x), summed over the
  * input channels in their order; stride = W rounded up to LANES. The row is first copied into staged (in_channels,
  * stride), zero past W, so that every vector step is whole; PROJECTED output channels at a time (independent sums). */
-static PROJECTION_FUNCTION void project_row(const float *row, int64_t s_channel, int64_t s_x, int64_t in_channels,
+static UNFUSED_FUNCTION void project_row(const float *row, int64_t s_channel, int64_t s_x, int64_t in_channels,
                                             int64_t W, const float *weight, const float *bias, int64_t out_channels,
                                             float *staged, float *out) {
     const int64_t stride = (W + LANES - 1) / LANES * LANES;
@@ -695,4 +699,250 @@ int monai_qsa_local_attention_int8(const float *qkv, const int64_t *strides, con
     }
     free(q8), free(k8), free(v4), free(rel8_table);
     return status;
+}
+
+/* ---------------------------------------------------------------------------------------------------------------
+ * A SAUNet's resolution restore and head in int8 (restore_head_int8): the decoder's upsampling output `features`
+ * (B, C s^2, h, w; a pixel shuffle by s makes it C maps of s h x s w, replicated at the far borders or cropped to the
+ * image size) and the image (B, Ci, H, W) are quantised together to uint8 codes (in_scale, in_zero_point), refined
+ * by a 3x3 convolution (int8 weights, int32 sums scaled per output channel, bias), ReLU, requantised to uint8
+ * (mid_scale, mid_zero_point), dequantised and mapped to the output channels by a 1x1 convolution (int8 weights
+ * dequantised to fp32): the int8 program's quantize, convolution, ReLU, quantize, convolution, in one pass over
+ * full resolution, where the int8 program spent most of a small network's time in layout passes and in convolution
+ * kernels made for many channels.
+ *
+ * Work items are bands of BAND output rows of one image. A thread quantises the band's input into `band` (Cin,
+ * BAND + 2, W) + slack, which stays in its cache: for every channel, padded row and position x one 4-byte word of
+ * the codes at x - 1, x, x + 1 and 0 (in_zero_point outside the image, a real zero), so that one "4 bytes per lane"
+ * product takes the three taps of a kernel row: Cin x 3 products per refined channel and 16 positions;
+ * sum(codes x weights) - in_zero_point x sum(weights) is the exact convolution of (codes - zero point). Everything
+ * after the integer sums is fp32 with one rounding per operation (UNFUSED_FUNCTION), in the order of
+ * restore_head_int8_reference in restore_head_int8.py, which reproduces it to the bit.
+ */
+#define MAX_MID 16 /* refined channels, at most */
+#define MAX_STRIDE 64 /* pixel-shuffle factor, at most */
+#define BAND 16 /* output rows of one work item */
+
+typedef struct {
+    const i32x16 *weights; /* (mid, Cin, 3): the taps of one kernel row and 0 as 4 bytes, in every lane */
+    const int32_t *offsets; /* (mid): in_zero_point x the sum of the channel's weights */
+    const float *refine_scale, *refine_bias, *head_weight, *head_bias; /* (mid), (mid), (out, mid), (out) */
+    float *out;
+    float inverse_mid, mid_scale, mid_zero_point;
+    int64_t in_channels, mid, out_channels, H, W;
+} refine_t;
+
+/* The outputs of positions [x0, x0 + m) of row (b, y) from the integer sums of the refined channels. */
+static inline UNFUSED_FUNCTION __attribute__((always_inline)) void refine_outputs(const refine_t *r,
+                                                                                  const i32x16 *sums, int64_t b,
+                                                                                  int64_t y, int64_t x0, int m,
+                                                                                  const int channels) {
+    UNFUSED_ROUNDING
+    const f32x16 zero = {0}, magic = zero + MAGIC;
+    f32x16 mid[MAX_MID];
+    for (int o = 0; o < channels; o++) {
+        const f32x16 sum = __builtin_convertvector(sums[o] - r->offsets[o], f32x16);
+        f32x16 refined = sum * r->refine_scale[o] + (r->refine_bias != NULL ? r->refine_bias[o] : 0.f);
+        refined = select_f32((i32x16)(refined > zero), refined, zero);        /* ReLU */
+        f32x16 code = refined * r->inverse_mid;                               /* >= 0 */
+        code = select_f32((i32x16)(code < 512.f), code, zero + 512.f);       /* NaN: 512 */
+        code = (code + magic) - magic + r->mid_zero_point;                    /* ties to even */
+        code = select_f32((i32x16)(code < 255.f), code, zero + 255.f);
+        mid[o] = (code - r->mid_zero_point) * r->mid_scale;
+    }
+    for (int64_t k = 0; k < r->out_channels; k++) {
+        const float *weight = r->head_weight + k * r->mid;
+        f32x16 value = mid[0] * weight[0];
+        for (int o = 1; o < channels; o++) value = value + mid[o] * weight[o];
+        value = value + (r->head_bias != NULL ? r->head_bias[k] : 0.f);
+        float *target = r->out + ((b * r->out_channels + k) * r->H + y) * r->W + x0;
+        if (m == LANES) /* a constant size: one vector store, not a call */
+            memcpy(target, &value, sizeof value);
+        else
+            memcpy(target, &value, sizeof(float) * m);
+    }
+}
+
+/* The outputs of 16 positions from x0 of row (b, y), whose input rows start at `rows` (band row y - 1) in a band
+ * of `band_rows` padded rows: the integer sums of `mid` refined channels (a constant where inlined), then
+ * refine_outputs. */
+static inline UNFUSED_FUNCTION __attribute__((always_inline)) void refine_lanes(const refine_t *r,
+                                                                                const uint32_t *rows,
+                                                                                int64_t band_rows, int64_t b,
+                                                                                int64_t y, int64_t x0, int m,
+                                                                                const int mid, dp_fn dp) {
+    i32x16 sums[MAX_MID], more[MAX_MID]; /* two independent chains of products per channel: kernel rows 0, 2 and 1 */
+    for (int o = 0; o < mid; o++) sums[o] = more[o] = (i32x16){0};
+    for (int64_t c = 0; c < r->in_channels; c++) {
+        const uint8_t *codes = (const uint8_t *)(rows + c * band_rows * r->W + x0);
+        const i32x16 *weights = r->weights + c * 3;
+        const int64_t next_row = 4 * r->W;
+        for (int o = 0; o < mid; o++) {
+            const i32x16 *taps = weights + o * r->in_channels * 3;
+            sums[o] = dp(dp(sums[o], codes, taps[0]), codes + 2 * next_row, taps[2]);
+            more[o] = dp(more[o], codes + next_row, taps[1]);
+        }
+    }
+    for (int o = 0; o < mid; o++) sums[o] += more[o];
+    refine_outputs(r, sums, b, y, x0, m, mid);
+}
+
+typedef void (*refine_fn)(const refine_t *, const uint32_t *, int64_t, int64_t, int64_t);
+
+/* one function per path: image row (b, y), 16 positions at a time, 4 or 8 refined channels compiled as constants */
+#define REFINE_FUNCTION(NAME, TARGET, DP)                                                                             \
+    TARGET UNFUSED_FUNCTION static void refine_row_##NAME(const refine_t *r, const uint32_t *rows,                    \
+                                                          int64_t band_rows, int64_t b, int64_t y) {                  \
+        for (int64_t x = 0; x < r->W; x += LANES) {                                                                   \
+            const int m = r->W - x < LANES ? (int)(r->W - x) : LANES;                                                 \
+            switch (r->mid) {                                                                                         \
+            case 4: refine_lanes(r, rows, band_rows, b, y, x, m, 4, DP); break;                                       \
+            case 8: refine_lanes(r, rows, band_rows, b, y, x, m, 8, DP); break;                                       \
+            default: refine_lanes(r, rows, band_rows, b, y, x, m, (int)r->mid, DP);                                   \
+            }                                                                                                         \
+        }                                                                                                             \
+    }
+
+REFINE_FUNCTION(scalar, , dp_scalar)
+#if X86
+REFINE_FUNCTION(avx2, __attribute__((target("avx2,fma"))), dp_avx2)
+REFINE_FUNCTION(avx_vnni, __attribute__((target("avx2,fma,avxvnni"))), dp_avx_vnni)
+REFINE_FUNCTION(avx512_vnni,
+                __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma,prefer-vector-width=512"))),
+                dp_avx512_vnni)
+#endif
+
+static refine_fn refine_function(int path) {
+    switch (path) {
+#if X86
+    case PATH_AVX512_VNNI: return refine_row_avx512_vnni;
+    case PATH_AVX_VNNI: return refine_row_avx_vnni;
+    case PATH_AVX2: return refine_row_avx2;
+#endif
+    default: return refine_row_scalar;
+    }
+}
+
+/* round(x * inverse) + zero_point clamped to [0, 255], ties to even (quantized_decomposed.quantize_per_tensor) */
+static inline float uint8_code(float x, float inverse, float zero_point) {
+    float r = x * inverse;
+    r = r < 512.f ? r : 512.f; /* NaN: 512 */
+    r = r > -512.f ? r : -512.f;
+    r = (r + MAGIC) - MAGIC + zero_point;
+    return r < 0.f ? 0.f : (r > 255.f ? 255.f : r);
+}
+
+/* Padded row yp (0 and H + 1: outside) of input channel c of image b into `words` (see above); `values` and `codes`:
+ * scratch of W floats and W + 2 bytes. Channels below `shuffled` come from the features through x_offsets. */
+static void stage_row(const float *features, const int64_t *fs, const int64_t *x_offsets, int64_t shuffled,
+                      int64_t stride, int64_t h, int64_t w, const float *image, const int64_t *is, int64_t b, int64_t c,
+                      int64_t yp, int64_t H, int64_t W, float inverse, float zero_point, float *values,
+                      uint8_t *codes, uint32_t *words) {
+    const uint8_t outside = (uint8_t)zero_point;
+    if (yp == 0 || yp == H + 1) {
+        for (int64_t x = 0; x < W; x++) words[x] = outside * 0x010101u;
+        return;
+    }
+    const int64_t y = yp - 1;
+    if (c < shuffled) { /* pixel shuffle: feature channel c s^2 + (Y mod s) s + (X mod s) at (Y / s, X / s) */
+        const int64_t Y = y < stride * h ? y : stride * h - 1;
+        const float *row =
+            features + b * fs[0] + (c * stride * stride + (Y % stride) * stride) * fs[1] + (Y / stride) * fs[2];
+        const int64_t whole = W < stride * w ? W / stride : w; /* cells read whole */
+        if (fs[1] == 1 && stride == 4) /* channels-last, as int8 convolutions leave it: cells are 4 floats */
+            for (int64_t j = 0; j < whole; j++) memcpy(values + j * 4, row + j * fs[3], sizeof(float) * 4);
+        else
+            for (int64_t x = 0; x < whole * stride; x++) values[x] = row[x_offsets[x]];
+        for (int64_t x = whole * stride; x < W; x++) values[x] = row[x_offsets[x]];
+    } else {
+        const float *row = image + b * is[0] + (c - shuffled) * is[1] + y * is[2];
+        if (is[3] == 1)
+            memcpy(values, row, sizeof(float) * W);
+        else
+            for (int64_t x = 0; x < W; x++) values[x] = row[x * is[3]];
+    }
+    codes[0] = codes[W + 1] = outside;
+    for (int64_t x = 0; x < W; x++) codes[x + 1] = (uint8_t)(int32_t)uint8_code(values[x], inverse, zero_point);
+    for (int64_t x = 0; x < W; x++)
+        words[x] = (uint32_t)codes[x] | (uint32_t)codes[x + 1] << 8 | (uint32_t)codes[x + 2] << 16;
+}
+
+/* The resolution restore and head (see above) of a batch. features: (B, C s^2, h, w), strides fs; image: (B, Ci, H,
+ * W), strides is; refine_weight (mid, C + Ci, 3, 3) int8 with per-channel scales refine_scale and bias refine_bias
+ * (NULL: none); head_weight (out_channels, mid) int8 with scales head_scale and head_bias; out (B, out_channels, H,
+ * W) contiguous. Returns 0 on success, 1 if memory could not be allocated, 2 if this CPU does not run `path`, 3
+ * (4) if a refine (head) weight scale is not positive and finite, 5 if the sizes are out of the kernel's range. */
+int monai_qsa_restore_head_int8(const float *features, const int64_t *fs, int64_t feature_channels, int64_t h,
+                                int64_t w, int64_t stride, const float *image, const int64_t *is,
+                                int64_t image_channels, int64_t batch, int64_t H, int64_t W, double in_scale,
+                                int in_zero_point, const int8_t *refine_weight, const float *refine_scale,
+                                const float *refine_bias, int64_t mid, double mid_scale, int mid_zero_point,
+                                const int8_t *head_weight, const float *head_scale, const float *head_bias,
+                                int64_t out_channels, float *out, int path, int num_threads) {
+    if (path == PATH_BEST) path = monai_qsa_int8_best_path();
+    if (!monai_qsa_int8_path_supported(path)) return 2;
+    if (stride < 1 || stride > MAX_STRIDE || mid < 1 || mid > MAX_MID || feature_channels < stride * stride
+        || feature_channels % (stride * stride) || h < 1 || w < 1)
+        return 5; /* checked by the caller already: a second line of defence for the buffer arithmetic */
+    for (int64_t o = 0; o < mid; o++)
+        if (!(refine_scale[o] > 0.f && refine_scale[o] <= FLT_MAX)) return 3;
+    for (int64_t k = 0; k < out_channels; k++)
+        if (!(head_scale[k] > 0.f && head_scale[k] <= FLT_MAX)) return 4;
+    const int64_t shuffled = feature_channels / (stride * stride), in_channels = shuffled + image_channels;
+    i32x16 *weights = (i32x16 *)aligned_alloc(sizeof(i32x16), sizeof(i32x16) * (size_t)(mid * in_channels * 3));
+    int64_t *x_offsets = (int64_t *)malloc(sizeof(int64_t) * (size_t)W);
+    float *head = (float *)malloc(sizeof(float) * (size_t)(out_channels * mid));
+    int32_t offsets[MAX_MID];
+    float scales[MAX_MID];
+    const int allocated = weights != NULL && x_offsets != NULL && head != NULL;
+    if (allocated) {
+        for (int64_t o = 0; o < mid; o++) {
+            int32_t total = 0;
+            for (int64_t c = 0; c < in_channels; c++)
+                for (int64_t ky = 0; ky < 3; ky++) {
+                    const int8_t *taps = refine_weight + ((o * in_channels + c) * 3 + ky) * 3;
+                    int8_t bytes[4] = {taps[0], taps[1], taps[2], 0};
+                    int32_t word;
+                    memcpy(&word, bytes, sizeof word);
+                    weights[(o * in_channels + c) * 3 + ky] = (i32x16){0} + word;
+                    total += taps[0] + taps[1] + taps[2];
+                }
+            offsets[o] = in_zero_point * total;
+            scales[o] = (float)in_scale * refine_scale[o];
+        }
+        for (int64_t k = 0; k < out_channels; k++)
+            for (int64_t o = 0; o < mid; o++) head[k * mid + o] = (float)head_weight[k * mid + o] * head_scale[k];
+        for (int64_t x = 0; x < W; x++) {
+            const int64_t X = x < stride * w ? x : stride * w - 1;
+            x_offsets[x] = (X % stride) * fs[1] + (X / stride) * fs[3];
+        }
+    }
+    const refine_t r = {weights, offsets, scales, refine_bias, head, head_bias, out,
+                        (float)(1.0 / mid_scale), (float)mid_scale, (float)mid_zero_point, in_channels, mid,
+                        out_channels, H, W};
+    const refine_fn refine_row = refine_function(path);
+    const float inverse = (float)(1.0 / in_scale);
+    const int64_t bands = (H + BAND - 1) / BAND, band_rows = BAND + 2;
+    int failed = !allocated;
+#pragma omp parallel num_threads(num_threads) reduction(| : failed)
+    {
+        float *values = (float *)malloc(sizeof(float) * (size_t)W);
+        uint8_t *codes = (uint8_t *)malloc((size_t)W + 2);
+        uint32_t *band = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)(in_channels * band_rows * W + LANES));
+        const int ready = allocated && values != NULL && codes != NULL && band != NULL;
+        if (!ready) failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < batch * bands; item++) {
+            if (!ready) continue;
+            const int64_t b = item / bands, y0 = item % bands * BAND, y1 = y0 + BAND < H ? y0 + BAND : H;
+            for (int64_t c = 0; c < in_channels; c++)
+                for (int64_t yp = y0; yp < y1 + 2; yp++) /* padded rows y0 .. y1 + 1: image rows y0 - 1 .. y1 */
+                    stage_row(features, fs, x_offsets, shuffled, stride, h, w, image, is, b, c, yp, H, W, inverse,
+                              (float)in_zero_point, values, codes, band + (c * band_rows + yp - y0) * W);
+            for (int64_t y = y0; y < y1; y++) refine_row(&r, band + (y - y0) * W, band_rows, b, y);
+        }
+        free(values), free(codes), free(band);
+    }
+    free(weights), free(x_offsets), free(head);
+    return failed;
 }

@@ -183,7 +183,8 @@ def _table_scale(table: torch.Tensor) -> float:
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
-    """The compiled kernel with its argument types, built on first use; None (one warning) if unavailable."""
+    """The compiled kernels (the attention's and :mod:`~monai_qsa.networks.blocks.restore_head_int8`'s) with their
+    argument types, built on first use; None (one warning) if unavailable."""
     library = compiled_library(_SOURCE)
     if library is None:
         return None
@@ -196,6 +197,14 @@ def _library() -> ctypes.CDLL | None:
         + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
     )  # fmt: skip
     attend.restype = ctypes.c_int
+    # the resolution restore and head of restore_head_int8.py
+    restore = library.monai_qsa_restore_head_int8
+    int64, pointer, strides = ctypes.c_int64, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
+    restore.argtypes = (
+        [pointer, strides] + [int64] * 4 + [pointer, strides] + [int64] * 4 + [ctypes.c_double, ctypes.c_int]
+        + [pointer] * 3 + [int64, ctypes.c_double, ctypes.c_int] + [pointer] * 3 + [int64, pointer] + [ctypes.c_int] * 2
+    )  # fmt: skip
+    restore.restype = ctypes.c_int
     return library
 
 
