@@ -344,8 +344,8 @@ def test_projected_attention_is_the_int8_attention_of_the_projection(case, monke
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="-mno-avx512f is an x86 compiler flag")
 def test_an_avx2_build_gives_the_outputs_of_this_machines_build(monkeypatch, fresh_library):
-    """Built as for an AVX2-only CPU ($MONAI_QSA_KERNEL_CFLAGS=-mno-avx512f: the kernel's 16-lane vectors in pairs of
-    ymm registers, as such CPUs compile them), every path it has gives this machine's own build's output, plain and
+    """Built as for an AVX2-only CPU ($MONAI_QSA_KERNEL_CFLAGS=-mno-avx512f: vector steps of 8 positions in ymm
+    registers, where an AVX-512 build takes 16), every path it has gives this machine's own build's output, plain and
     with the projection fused: the builds an AVX2-only CPU makes are tested on AVX-512 machines too."""
     problems = [(attention_problem(*case), None) for case in (CASES[0], CASES[3], CASES[5])]
     problems += [projected_problem(*case) for case in (PROJECTED_CASES[0], PROJECTED_CASES[3])]

@@ -1,17 +1,17 @@
 /*
  * Int8 neighbourhood attention of StandAloneSelfAttention for CPUs (2D and 3D).
  *
- * Work items are pieces of BLOCK positions of one image row of one head; each is computed 16 positions (LANES) at a
- * time, everything for those 16 positions in registers or L1: the logits of all k^d neighbours, their softmax and
- * the weighted sum of the values. Integer where it holds accuracy:
+ * Work items are pieces of BLOCK positions of one image row of one head; each is computed LANES positions (16 on
+ * AVX-512 builds, 8 on other x86 ones) at a time, everything for them in registers or L1: the logits of all k^d
+ * neighbours, their softmax and the weighted sum of the values. Integer where it holds accuracy:
  *   logits   int8 queries x int8 keys, accumulated in int32; relative-position terms int8 queries x int8 table
  *            (its own scale), int32, scaled and added in fp32
- *   softmax  fp32: uint8 weights round(255 exp(logit - max)), exp by a polynomial on 16 lanes
+ *   softmax  fp32: uint8 weights round(255 exp(logit - max)), exp by a polynomial on LANES lanes
  *   output   uint8 weights x int8 values, accumulated in int32, divided by the sum of the weights (fp32)
  * Built at run time by monai_qsa/networks/blocks/local_attention_int8.py; one build holds every instruction-set path
  * of the integer dot products, chosen per call. The rest of the computation is written once with GCC vector
- * extensions (16 lanes) and compiled by each path's function for its target:
- *   PATH_AVX512_VNNI  vpdpbusd on 16 positions (one zmm)   PATH_AVX_VNNI  vpdpbusd on 2 x 8 positions (ymm)
+ * extensions (LANES lanes) and compiled by each path's function for its target:
+ *   PATH_AVX512_VNNI  vpdpbusd on 16 positions (one zmm)   PATH_AVX_VNNI  vpdpbusd on 8 positions (ymm; twice for 16)
  *   PATH_AVX2         even/odd bytes as int16 + 2 vpmaddwd: exact (vpmaddubsw would saturate)
  *   PATH_SCALAR       plain C, any CPU
  * The integer sums are exact, so every path gives the same output.
@@ -27,12 +27,13 @@
  *   q . rel  the same, with the table's 4 bytes (+ 128) repeated in every lane.
  *   p . v    lane = position, its 4 bytes = 4 neighbours l..l+3 of one neighbour row (kw rounded up to 4 with zero
  *            weights); v4 holds, for every padded position X, the 4 values v[X], v[X + dil], v[X + 2dil], v[X + 3dil].
- * The queries of 16 positions stay in registers for all their neighbours (d_head 4, 8, 16 and 32 are compiled as
+ * The queries of LANES positions stay in registers for all their neighbours (d_head 4, 8, 16 and 32 are compiled as
  * constants); the weighted sums run up to 16 output channels at a time (8 on the ymm paths, 4 in plain C: as many
  * independent chains, one load of the weights).
  *
  * Layouts (2D images are passed as depth 1 with kd = 1; Dp, Hp, Wp: sizes zero-padded by dilation * (k - 1) / 2).
- * The buffers are followed by 64 bytes of slack: the last vector step of a row reads up to 15 positions past it.
+ * The buffers are followed by 64 bytes of slack: the last vector step of a row reads up to LANES - 1 positions past
+ * it.
  *   q8:   (BH, G, D, H, W, 4) int8         round(q * (1 / q_scale)), clamped to [-127, 127]
  *   k8:   (BH, G, Dp, Hp, Wp, 4) uint8     round(k * (1 / k_scale)) + 128, 128 in the padding (masked anyway)
  *   v4:   (BH, d, Dp, Hp, Wp, 4) int8      round(v * (1 / v_scale)) at X + t * dilation, t = 0..3 (0 outside)
@@ -58,7 +59,15 @@
 #endif
 
 #define BLOCK 64 /* positions of one work item: a piece of an image row */
-#define LANES 16 /* positions of one vector step: one zmm, two ymm */
+/* positions of one vector step: one register of the build's widest vectors. 16 (a zmm) where the build targets
+ * AVX-512 (-march=native on such a CPU); 8 (a ymm) on other x86 CPUs, whose compiler otherwise keeps 16-lane vectors
+ * in memory (measured: the AVX2 build's paths spent most of their time storing and reloading them). Every path of a
+ * build uses the same width, and each position's arithmetic is the same whatever the width: the same output. */
+#if X86 && !defined(__AVX512F__)
+#define LANES 8
+#else
+#define LANES 16
+#endif
 #define MAX_CHANNELS 16 /* output channels of one pass over the weights, at most */
 #define PROJECTED 8 /* projected channels of one pass over a row's input */
 #define MAX_GROUPS 64 /* channel groups of 4 per head: d_head <= 256 */
@@ -71,10 +80,10 @@
 
 enum { PATH_BEST = 0, PATH_SCALAR = 1, PATH_AVX2 = 2, PATH_AVX_VNNI = 3, PATH_AVX512_VNNI = 4 };
 
-/* 16 positions: GCC vector extensions, lowered to one zmm, two ymm or scalar code by each path's target */
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-typedef uint32_t u32x16 __attribute__((vector_size(64)));
-typedef float f32x16 __attribute__((vector_size(64)));
+/* LANES positions: GCC vector extensions, lowered to one zmm, one or two ymm or scalar code by each path's target */
+typedef int32_t i32xN __attribute__((vector_size(4 * LANES)));
+typedef uint32_t u32xN __attribute__((vector_size(4 * LANES)));
+typedef float f32xN __attribute__((vector_size(4 * LANES)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef uint8_t u8x8 __attribute__((vector_size(8)));
@@ -88,38 +97,39 @@ typedef struct {
     int kd, kh, kw, dilation;
 } problem_t;
 
-static inline __attribute__((always_inline)) i32x16 load_i32(const void *address) {
-    i32x16 v;
+static inline __attribute__((always_inline)) i32xN load_i32(const void *address) {
+    i32xN v;
     memcpy(&v, address, sizeof v);
     return v;
 }
 
-static inline __attribute__((always_inline)) f32x16 select_f32(i32x16 mask, f32x16 yes, f32x16 no) {
-    return (f32x16)(((i32x16)yes & mask) | ((i32x16)no & ~mask));
+static inline __attribute__((always_inline)) f32xN select_f32(i32xN mask, f32xN yes, f32xN no) {
+    return (f32xN)(((i32xN)yes & mask) | ((i32xN)no & ~mask));
 }
 
 /* a > b ? a : b per lane. The x86 paths use vmaxps, which computes exactly that (NaN or equal: b): one instruction
- * where this takes a compare and a blend, and without AVX-512 GCC lowers this one's 64-byte masks through memory
- * (measured: the AVX2 paths of an AVX2 build spent a quarter of their time here) */
-static inline __attribute__((always_inline)) f32x16 max_f32(f32x16 a, f32x16 b) { return select_f32(a > b, a, b); }
+ * where this takes a compare and a blend, whose 64-byte masks GCC lowers through memory on the ymm paths of an
+ * AVX-512 build (measured, when every build had 16 lanes: the AVX2 paths of an AVX2 build spent a quarter of their
+ * time here) */
+static inline __attribute__((always_inline)) f32xN max_f32(f32xN a, f32xN b) { return select_f32(a > b, a, b); }
 
-typedef f32x16 (*max_fn)(f32x16, f32x16);
+typedef f32xN (*max_fn)(f32xN, f32xN);
 
 /* round(255 2^y) for y <= 0 (the logit minus its maximum, in units of log2: see LOG2_E), as integers: 255 2^n 2^r,
  * n = round(y), |r| <= 1/2, 2^r by a degree-3 polynomial (relative error < 1.2e-4: at most 0.03 of the weights'
  * unit); y is clamped at -16, where 255 2^-16 rounds to 0. n is read from the bits of y + MAGIC (the float whose
  * unit in the last place is 1), and 2^n built from it as exponent bits. */
-static inline __attribute__((always_inline)) u32x16 levels(f32x16 y, max_fn max) {
-    const f32x16 zero = {0}, magic = zero + MAGIC;
+static inline __attribute__((always_inline)) u32xN levels(f32xN y, max_fn max) {
+    const f32xN zero = {0}, magic = zero + MAGIC;
     y = max(y, zero - 16.f);
-    const f32x16 shifted = y + magic; /* n + MAGIC: round to nearest */
-    const f32x16 r = y - (shifted - magic);
-    const f32x16 p = LEVELS + r * (LEVELS * 0.69336869f + r * (LEVELS * 0.24221838f + r * (LEVELS * 0.05459283f)));
-    const i32x16 bits = ((i32x16)shifted - (MAGIC_BITS - 127)) << 23; /* (n + 127) << 23: 2^n */
-    return (u32x16)__builtin_convertvector(p * (f32x16)bits + 0.5f, i32x16); /* 0..255: a signed conversion */
+    const f32xN shifted = y + magic; /* n + MAGIC: round to nearest */
+    const f32xN r = y - (shifted - magic);
+    const f32xN p = LEVELS + r * (LEVELS * 0.69336869f + r * (LEVELS * 0.24221838f + r * (LEVELS * 0.05459283f)));
+    const i32xN bits = ((i32xN)shifted - (MAGIC_BITS - 127)) << 23; /* (n + 127) << 23: 2^n */
+    return (u32xN)__builtin_convertvector(p * (f32xN)bits + 0.5f, i32xN); /* 0..255: a signed conversion */
 }
 
-static inline __attribute__((always_inline)) i32x16 dp_scalar(i32x16 acc, const uint8_t *a, i32x16 b) {
+static inline __attribute__((always_inline)) i32xN dp_scalar(i32xN acc, const uint8_t *a, i32xN b) {
     int8_t bytes[4 * LANES];
     memcpy(bytes, &b, sizeof bytes);
     for (int x = 0; x < LANES; x++)
@@ -129,11 +139,6 @@ static inline __attribute__((always_inline)) i32x16 dp_scalar(i32x16 acc, const 
 }
 
 #if X86
-typedef union {
-    i32x16 v;
-    __m256i half[2];
-} halves_t;
-
 /* vpdpbusd without VNNI, exact: even and odd bytes as 16-bit integers (a zero-, b sign-extended), two vpmaddwd */
 __attribute__((target("avx2"))) static inline __m256i dpbusd_avx2(__m256i acc, __m256i a, __m256i b) {
     const __m256i low_bytes = _mm256_set1_epi16(0xFF);
@@ -142,63 +147,90 @@ __attribute__((target("avx2"))) static inline __m256i dpbusd_avx2(__m256i acc, _
     return _mm256_add_epi32(acc, _mm256_add_epi32(_mm256_madd_epi16(a_even, b_even), _mm256_madd_epi16(a_odd, b_odd)));
 }
 
-__attribute__((target("avx2"))) static inline i32x16 dp_avx2(i32x16 acc, const uint8_t *a, i32x16 b) {
+#if LANES == 16
+/* a 16-lane vector as two ymm halves (an AVX-512 build, where the ymm paths run only when forced) */
+typedef union {
+    i32xN v;
+    __m256i half[2];
+} halves_t;
+
+__attribute__((target("avx2"))) static inline i32xN dp_avx2(i32xN acc, const uint8_t *a, i32xN b) {
     halves_t h = {acc}, hb = {b};
     for (int i = 0; i < 2; i++)
         h.half[i] = dpbusd_avx2(h.half[i], _mm256_loadu_si256((const __m256i *)(a + 32 * i)), hb.half[i]);
     return h.v;
 }
 
-__attribute__((target("avx2,avxvnni"))) static inline i32x16 dp_avx_vnni(i32x16 acc, const uint8_t *a, i32x16 b) {
+__attribute__((target("avx2,avxvnni"))) static inline i32xN dp_avx_vnni(i32xN acc, const uint8_t *a, i32xN b) {
     halves_t h = {acc}, hb = {b};
     for (int i = 0; i < 2; i++)
         h.half[i] = _mm256_dpbusd_avx_epi32(h.half[i], _mm256_loadu_si256((const __m256i *)(a + 32 * i)), hb.half[i]);
     return h.v;
 }
 
-__attribute__((target("avx512f,avx512vnni"))) static inline i32x16 dp_avx512_vnni(i32x16 acc, const uint8_t *a,
-                                                                                  i32x16 b) {
-    return (i32x16)_mm512_dpbusd_epi32((__m512i)acc, _mm512_loadu_si512(a), (__m512i)b);
+__attribute__((target("avx512f,avx512vnni"))) static inline i32xN dp_avx512_vnni(i32xN acc, const uint8_t *a,
+                                                                                 i32xN b) {
+    return (i32xN)_mm512_dpbusd_epi32((__m512i)acc, _mm512_loadu_si512(a), (__m512i)b);
 }
 
-__attribute__((target("avx2"))) static inline f32x16 max_avx2(f32x16 a, f32x16 b) {
+__attribute__((target("avx2"))) static inline f32xN max_avx2(f32xN a, f32xN b) {
     union {
-        f32x16 v;
+        f32xN v;
         __m256 half[2];
     } ha = {a}, hb = {b};
     for (int i = 0; i < 2; i++) ha.half[i] = _mm256_max_ps(ha.half[i], hb.half[i]);
     return ha.v;
 }
 
-__attribute__((target("avx512f"))) static inline f32x16 max_avx512(f32x16 a, f32x16 b) {
-    return (f32x16)_mm512_max_ps((__m512)a, (__m512)b);
+__attribute__((target("avx512f"))) static inline f32xN max_avx512(f32xN a, f32xN b) {
+    return (f32xN)_mm512_max_ps((__m512)a, (__m512)b);
 }
+#else /* 8 lanes: one ymm on every path */
+__attribute__((target("avx2"))) static inline i32xN dp_avx2(i32xN acc, const uint8_t *a, i32xN b) {
+    return (i32xN)dpbusd_avx2((__m256i)acc, _mm256_loadu_si256((const __m256i *)a), (__m256i)b);
+}
+
+__attribute__((target("avx2,avxvnni"))) static inline i32xN dp_avx_vnni(i32xN acc, const uint8_t *a, i32xN b) {
+    return (i32xN)_mm256_dpbusd_avx_epi32((__m256i)acc, _mm256_loadu_si256((const __m256i *)a), (__m256i)b);
+}
+
+__attribute__((target("avx512vl,avx512vnni"))) static inline i32xN dp_avx512_vnni(i32xN acc, const uint8_t *a,
+                                                                                  i32xN b) {
+    return (i32xN)_mm256_dpbusd_epi32((__m256i)acc, _mm256_loadu_si256((const __m256i *)a), (__m256i)b);
+}
+
+__attribute__((target("avx2"))) static inline f32xN max_avx2(f32xN a, f32xN b) {
+    return (f32xN)_mm256_max_ps((__m256)a, (__m256)b);
+}
+
+#define max_avx512 max_avx2
+#endif
 #endif
 
-/* acc + the 16 "4 bytes per lane" dot products of a (unsigned bytes, 64 at a) and b (signed bytes) */
-typedef i32x16 (*dp_fn)(i32x16, const uint8_t *, i32x16);
+/* acc + the LANES "4 bytes per lane" dot products of a (unsigned bytes, 4 LANES at a) and b (signed bytes) */
+typedef i32xN (*dp_fn)(i32xN, const uint8_t *, i32xN);
 
 /* Scratch of one thread, per vector step: logits (kd kh kw vectors), relative terms (kd + kh + kw vectors), masks of
  * the neighbour columns (kw vectors), packed uint8 probabilities (kd kh ceil(kw / 4) vectors of words). */
 typedef struct {
-    f32x16 *logits, *axis_logits, *column_masks;
-    u32x16 *probabilities;
+    f32xN *logits, *axis_logits, *column_masks;
+    u32xN *probabilities;
 } scratch_t;
 
-/* Output channels [c0, c0 + count) of the 16 positions [x, x + 16) of image row (bh, z, y), of which the first m
+/* Output channels [c0, c0 + count) of the positions [x, x + LANES) of image row (bh, z, y), of which the first m
  * are stored: the weighted sums of the values, uint8 weights (s->probabilities) x int8 values in int32, times
  * normaliser. count independent chains of dot products share each load of the weights (count a constant where
  * inlined: the sums stay in registers). Returns count. */
 static inline __attribute__((always_inline)) int weighted_sums(const problem_t *p, const scratch_t *s, int64_t bh,
                                                                int64_t z, int64_t y, int64_t x, int64_t c0,
-                                                               const int count, int m, f32x16 normaliser, float *out,
+                                                               const int count, int m, f32xN normaliser, float *out,
                                                                dp_fn dp) {
     const int row_groups = (p->kw + 3) / 4, dilation = p->dilation;
     const int64_t padded_plane = p->padded_plane, plane = p->plane;
     /* value words of channel c0 at padded row (z, y): neighbour rows outside the image have weight 0 */
     const int8_t *v4 = p->v4 + ((bh * p->d + c0) * padded_plane + (z * p->padded_H + y) * p->padded_W + x) * 4;
-    i32x16 acc[MAX_CHANNELS];
-    for (int c = 0; c < count; c++) acc[c] = (i32x16){0};
+    i32xN acc[MAX_CHANNELS];
+    for (int c = 0; c < count; c++) acc[c] = (i32xN){0};
     for (int i = 0, pair = 0; i < p->kd; i++)
         for (int j = 0; j < p->kh; j++)
             for (int g = 0; g < row_groups; g++, pair++) {
@@ -207,7 +239,7 @@ static inline __attribute__((always_inline)) int weighted_sums(const problem_t *
                 for (int c = 0; c < count; c++) acc[c] = dp(acc[c], weights, load_i32(values + 4 * c * padded_plane));
             }
     for (int c = 0; c < count; c++) {
-        const f32x16 result = __builtin_convertvector(acc[c], f32x16) * normaliser;
+        const f32xN result = __builtin_convertvector(acc[c], f32xN) * normaliser;
         if (m == LANES)
             memcpy(out + (c0 + c) * plane, &result, sizeof result);
         else
@@ -216,9 +248,9 @@ static inline __attribute__((always_inline)) int weighted_sums(const problem_t *
     return count;
 }
 
-/* 16 positions [x, x + 16) of image row (bh, z, y), of which the first m < 16 or all are stored: logits of all
- * neighbours, their softmax as uint8 weights, the weighted sums of the values. Reads up to 15 positions past the end
- * of rows, which the buffers' slack covers. */
+/* Positions [x, x + LANES) of image row (bh, z, y), of which the first m < LANES or all are stored: logits of all
+ * neighbours, their softmax as uint8 weights, the weighted sums of the values. Reads up to LANES - 1 positions past
+ * the end of rows, which the buffers' slack covers. */
 static inline __attribute__((always_inline)) void attend_lanes(const problem_t *p, const scratch_t *s, int64_t bh,
                                                                int64_t z, int64_t y, int64_t x, int m,
                                                                const int64_t groups, const int max_channels,
@@ -229,33 +261,34 @@ static inline __attribute__((always_inline)) void attend_lanes(const problem_t *
     const int64_t pz = (int64_t)dilation * (kd - 1) / 2, py = (int64_t)dilation * (kh - 1) / 2,
                   px = (int64_t)dilation * (kw - 1) / 2;
     const int8_t *q8 = p->q8 + (bh * groups * plane + (z * p->H + y) * p->W + x) * 4; /* group g at + 4 g plane */
-    f32x16 *restrict logits = s->logits, *restrict axis = s->axis_logits;
-    const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15}, izero = {0};
-    const f32x16 outside = (f32x16){0} + OUTSIDE;
+    f32xN *restrict logits = s->logits, *restrict axis = s->axis_logits;
+    static const int32_t lane_numbers[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    const i32xN lane = load_i32(lane_numbers), izero = {0};
+    const f32xN outside = (f32xN){0} + OUTSIDE;
 
-    i32x16 q[MAX_GROUPS]; /* the queries, in registers when groups is a constant */
+    i32xN q[MAX_GROUPS]; /* the queries, in registers when groups is a constant */
     for (int64_t g = 0; g < groups; g++) q[g] = load_i32(q8 + 4 * g * plane);
-    i32x16 correction = izero; /* -128 sum(q8): removes the offset of keys and table from the dot products */
+    i32xN correction = izero; /* -128 sum(q8): removes the offset of keys and table from the dot products */
     for (int64_t g = 0; g < groups; g++) correction = dp(correction, ones, q[g]);
     correction *= -KEY_OFFSET;
     for (int a = 0; a < kd + kh + kw; a++) { /* relative terms beta (q8 . rel8[a]) */
-        i32x16 acc = correction;
+        i32xN acc = correction;
         for (int64_t g = 0; g < groups; g++) acc = dp(acc, p->table + (a * groups + g) * 4 * LANES, q[g]);
-        axis[a] = p->beta * __builtin_convertvector(acc, f32x16);
+        axis[a] = p->beta * __builtin_convertvector(acc, f32xN);
     }
-    /* whether every neighbour column of these 16 positions lies in the image; if not, per neighbour column l, 0
+    /* whether every neighbour column of these positions lies in the image; if not, per neighbour column l, 0
      * where it does and OUTSIDE where it does not, added to the logits (logit + OUTSIDE rounds to OUTSIDE) */
     const int interior = x - px >= 0 && x + LANES - 1 + (int64_t)(kw - 1) * dilation - px < p->W;
-    f32x16 *restrict column_masks = s->column_masks;
+    f32xN *restrict column_masks = s->column_masks;
     if (!interior)
         for (int l = 0; l < kw; l++) {
-            const i32x16 column = lane + (int32_t)(x + (int64_t)l * dilation - px); /* the neighbour's x */
-            column_masks[l] = select_f32((column >= 0) & (column < (int32_t)p->W), (f32x16){0}, outside);
+            const i32xN column = lane + (int32_t)(x + (int64_t)l * dilation - px); /* the neighbour's x */
+            column_masks[l] = select_f32((column >= 0) & (column < (int32_t)p->W), (f32xN){0}, outside);
         }
 
     /* logits alpha (q8 . k8) + relative terms, outside the image OUTSIDE; their maximum, per neighbour row first
      * (kd kh short dependency chains rather than one of k^d) */
-    f32x16 max = outside;
+    f32xN max = outside;
     for (int i = 0, o = 0; i < kd; i++)
         for (int j = 0; j < kh; j++, o += kw) {
             const int64_t zz = z + i * dilation - pz, yy = y + j * dilation - py;
@@ -263,15 +296,15 @@ static inline __attribute__((always_inline)) void attend_lanes(const problem_t *
                 for (int l = 0; l < kw; l++) logits[o + l] = outside;
                 continue;
             }
-            const f32x16 row_terms = axis[i] + axis[kd + j];
+            const f32xN row_terms = axis[i] + axis[kd + j];
             const int64_t key_row = ((zz + pz) * p->padded_H + yy + py) * p->padded_W + x;
             const uint8_t *k8 = p->k8 + (bh * groups * padded_plane + key_row) * 4;
-            f32x16 row_max = outside;
+            f32xN row_max = outside;
             for (int l = 0; l < kw; l++) {
-                i32x16 acc = correction;
+                i32xN acc = correction;
                 for (int64_t g = 0; g < groups; g++)
                     acc = dp(acc, k8 + 4 * (g * padded_plane + (int64_t)l * dilation), q[g]);
-                f32x16 logit = p->alpha * __builtin_convertvector(acc, f32x16) + (row_terms + axis[kd + kh + l]);
+                f32xN logit = p->alpha * __builtin_convertvector(acc, f32xN) + (row_terms + axis[kd + kh + l]);
                 if (!interior) logit += column_masks[l];
                 logits[o + l] = logit;
                 row_max = vmax(row_max, logit);
@@ -281,31 +314,31 @@ static inline __attribute__((always_inline)) void attend_lanes(const problem_t *
 
     /* uint8 weights round(255 exp(logit - max)), 4 neighbours of a row per word (0 past the row's end): the whole
      * words of a row, then its last, partial one */
-    i32x16 weight_sum = izero;
-    u32x16 *words = s->probabilities;
+    i32xN weight_sum = izero;
+    u32xN *words = s->probabilities;
     for (int r = 0; r < kd * kh; r++) {
-        const f32x16 *row = logits + r * kw;
+        const f32xN *row = logits + r * kw;
         int l = 0;
         for (; l + 4 <= kw; l += 4) {
-            const u32x16 w0 = levels(row[l] - max, vmax), w1 = levels(row[l + 1] - max, vmax),
+            const u32xN w0 = levels(row[l] - max, vmax), w1 = levels(row[l + 1] - max, vmax),
                          w2 = levels(row[l + 2] - max, vmax), w3 = levels(row[l + 3] - max, vmax);
             *words++ = w0 | w1 << 8 | w2 << 16 | w3 << 24;
-            weight_sum += (i32x16)((w0 + w1) + (w2 + w3));
+            weight_sum += (i32xN)((w0 + w1) + (w2 + w3));
         }
         if (l < kw) {
-            u32x16 word = (u32x16)izero;
+            u32xN word = (u32xN)izero;
             for (int t = 0; l + t < kw; t++) {
-                const u32x16 level = levels(row[l + t] - max, vmax);
+                const u32xN level = levels(row[l + t] - max, vmax);
                 word |= level << (8 * t);
-                weight_sum += (i32x16)level;
+                weight_sum += (i32xN)level;
             }
             *words++ = word;
         }
     }
     /* v_scale / sum of the weights; the largest weight is 255, so the sum is >= 255 */
-    const f32x16 normaliser = p->v_scale / __builtin_convertvector(weight_sum, f32x16);
+    const f32xN normaliser = p->v_scale / __builtin_convertvector(weight_sum, f32xN);
 
-    /* out (d, 16) = sum over neighbours of uint8 weights x int8 values, in int32: up to max_channels channels per
+    /* out (d, LANES) = sum over neighbours of uint8 weights x int8 values, in int32: up to max_channels channels per
      * pass over the weights, as many independent chains of dot products sharing each load of the weights (constant
      * counts, so that the sums stay in registers) */
     float *out = p->out + bh * p->d * plane + (z * p->H + y) * p->W + x;
@@ -395,10 +428,10 @@ static int attend_quantized(const problem_t *p, int path, int64_t bh_count, int 
     int failed = 0;
 #pragma omp parallel num_threads(num_threads) reduction(| : failed)
     {
-        f32x16 *vectors =
-            (f32x16 *)aligned_alloc(sizeof(f32x16), sizeof(f32x16) * (neighbours + axes + p->kw + pairs));
+        f32xN *vectors =
+            (f32xN *)aligned_alloc(sizeof(f32xN), sizeof(f32xN) * (neighbours + axes + p->kw + pairs));
         const scratch_t s = {vectors, vectors + neighbours, vectors + neighbours + axes,
-                             (u32x16 *)(vectors + neighbours + axes + p->kw)};
+                             (u32xN *)(vectors + neighbours + axes + p->kw)};
         if (vectors == NULL) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < items; item++) {
@@ -504,11 +537,11 @@ static inline UNFUSED_FUNCTION __attribute__((always_inline)) void project_lanes
                                                                                     const float *bias, const int count,
                                                                                     float *out, int64_t out_stride) {
     UNFUSED_ROUNDING
-    const f32x16 zero = {0};
-    f32x16 acc[PROJECTED];
+    const f32xN zero = {0};
+    f32xN acc[PROJECTED];
     for (int c = 0; c < count; c++) acc[c] = zero + (bias != NULL ? bias[c] : 0.f);
     for (int64_t i = 0; i < in_channels; i++) {
-        f32x16 value;
+        f32xN value;
         memcpy(&value, input + i * input_stride, sizeof value);
         for (int c = 0; c < count; c++) acc[c] = acc[c] + weight[c * in_channels + i] * value;
     }
@@ -679,7 +712,7 @@ int monai_qsa_local_attention_int8(const float *qkv, const int64_t *strides, con
     p.padded_W = W + 2 * half;
     p.plane = D * H * W;
     p.padded_plane = (D + 2 * pz) * p.padded_H * p.padded_W;
-    /* + 64 bytes each: the last vector step of a row reads up to 15 positions of 4 bytes past it */
+    /* + 64 bytes each: the last vector step of a row reads up to LANES - 1 positions of 4 bytes past it */
     int8_t *q8 = (int8_t *)malloc((size_t)(bh * groups * p.plane * 4 + 64));
     uint8_t *k8 = (uint8_t *)malloc((size_t)(bh * groups * p.padded_plane * 4 + 64));
     int8_t *v4 = (int8_t *)malloc((size_t)(bh * d * p.padded_plane * 4 + 64));
@@ -714,7 +747,7 @@ int monai_qsa_local_attention_int8(const float *qkv, const int64_t *strides, con
  * Work items are bands of BAND output rows of one image. A thread quantises the band's input into `band` (Cin,
  * BAND + 2, W) + slack, which stays in its cache: for every channel, padded row and position x one 4-byte word of
  * the codes at x - 1, x, x + 1 and 0 (in_zero_point outside the image, a real zero), so that one "4 bytes per lane"
- * product takes the three taps of a kernel row: Cin x 3 products per refined channel and 16 positions;
+ * product takes the three taps of a kernel row: Cin x 3 products per refined channel and LANES positions;
  * sum(codes x weights) - in_zero_point x sum(weights) is the exact convolution of (codes - zero point). Everything
  * after the integer sums is fp32 with one rounding per operation (UNFUSED_FUNCTION), in the order of
  * restore_head_int8_reference in restore_head_int8.py, which reproduces it to the bit.
@@ -724,7 +757,7 @@ int monai_qsa_local_attention_int8(const float *qkv, const int64_t *strides, con
 #define BAND 16 /* output rows of one work item */
 
 typedef struct {
-    const i32x16 *weights; /* (mid, Cin, 3): the taps of one kernel row and 0 as 4 bytes, in every lane */
+    const i32xN *weights; /* (mid, Cin, 3): the taps of one kernel row and 0 as 4 bytes, in every lane */
     const int32_t *offsets; /* (mid): in_zero_point x the sum of the channel's weights */
     const float *refine_scale, *refine_bias, *head_weight, *head_bias; /* (mid), (mid), (out, mid), (out) */
     float *out;
@@ -734,25 +767,25 @@ typedef struct {
 
 /* The outputs of positions [x0, x0 + m) of row (b, y) from the integer sums of the refined channels. */
 static inline UNFUSED_FUNCTION __attribute__((always_inline)) void refine_outputs(const refine_t *r,
-                                                                                  const i32x16 *sums, int64_t b,
+                                                                                  const i32xN *sums, int64_t b,
                                                                                   int64_t y, int64_t x0, int m,
                                                                                   const int channels) {
     UNFUSED_ROUNDING
-    const f32x16 zero = {0}, magic = zero + MAGIC;
-    f32x16 mid[MAX_MID];
+    const f32xN zero = {0}, magic = zero + MAGIC;
+    f32xN mid[MAX_MID];
     for (int o = 0; o < channels; o++) {
-        const f32x16 sum = __builtin_convertvector(sums[o] - r->offsets[o], f32x16);
-        f32x16 refined = sum * r->refine_scale[o] + (r->refine_bias != NULL ? r->refine_bias[o] : 0.f);
-        refined = select_f32((i32x16)(refined > zero), refined, zero);        /* ReLU */
-        f32x16 code = refined * r->inverse_mid;                               /* >= 0 */
-        code = select_f32((i32x16)(code < 512.f), code, zero + 512.f);       /* NaN: 512 */
+        const f32xN sum = __builtin_convertvector(sums[o] - r->offsets[o], f32xN);
+        f32xN refined = sum * r->refine_scale[o] + (r->refine_bias != NULL ? r->refine_bias[o] : 0.f);
+        refined = select_f32((i32xN)(refined > zero), refined, zero);        /* ReLU */
+        f32xN code = refined * r->inverse_mid;                               /* >= 0 */
+        code = select_f32((i32xN)(code < 512.f), code, zero + 512.f);       /* NaN: 512 */
         code = (code + magic) - magic + r->mid_zero_point;                    /* ties to even */
-        code = select_f32((i32x16)(code < 255.f), code, zero + 255.f);
+        code = select_f32((i32xN)(code < 255.f), code, zero + 255.f);
         mid[o] = (code - r->mid_zero_point) * r->mid_scale;
     }
     for (int64_t k = 0; k < r->out_channels; k++) {
         const float *weight = r->head_weight + k * r->mid;
-        f32x16 value = mid[0] * weight[0];
+        f32xN value = mid[0] * weight[0];
         for (int o = 1; o < channels; o++) value = value + mid[o] * weight[o];
         value = value + (r->head_bias != NULL ? r->head_bias[k] : 0.f);
         float *target = r->out + ((b * r->out_channels + k) * r->H + y) * r->W + x0;
@@ -763,7 +796,7 @@ static inline UNFUSED_FUNCTION __attribute__((always_inline)) void refine_output
     }
 }
 
-/* The outputs of 16 positions from x0 of row (b, y), whose input rows start at `rows` (band row y - 1) in a band
+/* The outputs of LANES positions from x0 of row (b, y), whose input rows start at `rows` (band row y - 1) in a band
  * of `band_rows` padded rows: the integer sums of `mid` refined channels (a constant where inlined), then
  * refine_outputs. */
 static inline UNFUSED_FUNCTION __attribute__((always_inline)) void refine_lanes(const refine_t *r,
@@ -771,14 +804,14 @@ static inline UNFUSED_FUNCTION __attribute__((always_inline)) void refine_lanes(
                                                                                 int64_t band_rows, int64_t b,
                                                                                 int64_t y, int64_t x0, int m,
                                                                                 const int mid, dp_fn dp) {
-    i32x16 sums[MAX_MID], more[MAX_MID]; /* two independent chains of products per channel: kernel rows 0, 2 and 1 */
-    for (int o = 0; o < mid; o++) sums[o] = more[o] = (i32x16){0};
+    i32xN sums[MAX_MID], more[MAX_MID]; /* two independent chains of products per channel: kernel rows 0, 2 and 1 */
+    for (int o = 0; o < mid; o++) sums[o] = more[o] = (i32xN){0};
     for (int64_t c = 0; c < r->in_channels; c++) {
         const uint8_t *codes = (const uint8_t *)(rows + c * band_rows * r->W + x0);
-        const i32x16 *weights = r->weights + c * 3;
+        const i32xN *weights = r->weights + c * 3;
         const int64_t next_row = 4 * r->W;
         for (int o = 0; o < mid; o++) {
-            const i32x16 *taps = weights + o * r->in_channels * 3;
+            const i32xN *taps = weights + o * r->in_channels * 3;
             sums[o] = dp(dp(sums[o], codes, taps[0]), codes + 2 * next_row, taps[2]);
             more[o] = dp(more[o], codes + next_row, taps[1]);
         }
@@ -789,7 +822,7 @@ static inline UNFUSED_FUNCTION __attribute__((always_inline)) void refine_lanes(
 
 typedef void (*refine_fn)(const refine_t *, const uint32_t *, int64_t, int64_t, int64_t);
 
-/* one function per path: image row (b, y), 16 positions at a time, 4 or 8 refined channels compiled as constants */
+/* one function per path: image row (b, y), LANES positions at a time, 4 or 8 refined channels compiled as constants */
 #define REFINE_FUNCTION(NAME, TARGET, DP)                                                                             \
     TARGET UNFUSED_FUNCTION static void refine_row_##NAME(const refine_t *r, const uint32_t *rows,                    \
                                                           int64_t band_rows, int64_t b, int64_t y) {                  \
@@ -889,7 +922,7 @@ int monai_qsa_restore_head_int8(const float *features, const int64_t *fs, int64_
     for (int64_t k = 0; k < out_channels; k++)
         if (!(head_scale[k] > 0.f && head_scale[k] <= FLT_MAX)) return 4;
     const int64_t shuffled = feature_channels / (stride * stride), in_channels = shuffled + image_channels;
-    i32x16 *weights = (i32x16 *)aligned_alloc(sizeof(i32x16), sizeof(i32x16) * (size_t)(mid * in_channels * 3));
+    i32xN *weights = (i32xN *)aligned_alloc(sizeof(i32xN), sizeof(i32xN) * (size_t)(mid * in_channels * 3));
     int64_t *x_offsets = (int64_t *)malloc(sizeof(int64_t) * (size_t)W);
     float *head = (float *)malloc(sizeof(float) * (size_t)(out_channels * mid));
     int32_t offsets[MAX_MID];
@@ -904,7 +937,7 @@ int monai_qsa_restore_head_int8(const float *features, const int64_t *fs, int64_
                     int8_t bytes[4] = {taps[0], taps[1], taps[2], 0};
                     int32_t word;
                     memcpy(&word, bytes, sizeof word);
-                    weights[(o * in_channels + c) * 3 + ky] = (i32x16){0} + word;
+                    weights[(o * in_channels + c) * 3 + ky] = (i32xN){0} + word;
                     total += taps[0] + taps[1] + taps[2];
                 }
             offsets[o] = in_zero_point * total;
