@@ -24,6 +24,7 @@ from monai_qsa.benchmark.sweep_report import (
     chosen_models,
     fastest,
     matched_accuracy_table,
+    matched_pairs,
     pair_name,
     pareto_fronts,
     write_sweep_report,
@@ -324,9 +325,8 @@ def run_sweep(
         "models": rows,
     }
     report["fronts"] = pareto_fronts(report)
-    report["matched"] = matched_accuracy_table(report)  # the pairs, from each model's own timing
     report["paired"] = _paired(report, settings, bar)
-    report["matched"] = matched_accuracy_table(report)  # their ratios, from the paired timing
+    report["matched"] = matched_accuracy_table(report)
     report["end_to_end"] = _end_to_end(report, settings, tuple(volume_shape), bar) if volume_shape else None
     report["machine"] = machine_info()
     bar.set_postfix_str("report")
@@ -358,16 +358,17 @@ def _check_arguments(
         raise ValueError(f"--tolerance must be non-negative, got {tolerance}.")
 
 
-def _paired_spec(row: dict, report: dict, settings: _Settings) -> dict:
-    """The :func:`~monai_qsa.benchmark.measure.measure_alternating` spec of one pair of the matched-accuracy table:
-    its models in the roles of :data:`~monai_qsa.benchmark.sweep_report.PAIRED_ROLES`, each in its fastest mode of
-    the sweep's own timing (``timing_mode``), at the reference thread count, for :data:`PAIRED_ROUNDS` rounds of
-    ``min_seconds / PAIRED_ROUNDS`` each."""
+def _paired_spec(cnn: str, sa: str, report: dict, settings: _Settings) -> dict:
+    """The :func:`~monai_qsa.benchmark.measure.measure_alternating` spec of one matched pair (CNN ``cnn``, SA model
+    ``sa``): its models in the roles of :data:`~monai_qsa.benchmark.sweep_report.PAIRED_ROLES`, each in its fastest
+    mode of the sweep's own timing (``timing_mode``), at the reference thread count, for :data:`PAIRED_ROUNDS` rounds
+    of ``min_seconds / PAIRED_ROUNDS`` each."""
     threads = report["reference_threads"]
     modes = TIMING_MODES if settings.compile else _EAGER_MODES
     entries = []
+    names = {"cnn": cnn, "sa": sa}
     for role, (model_key, precision) in PAIRED_ROLES.items():
-        model = report["models"][row[model_key]]
+        model = report["models"][names[model_key]]
         mode = fastest(model, precision, threads)["mode"]
         entries.append(
             {
@@ -381,7 +382,7 @@ def _paired_spec(row: dict, report: dict, settings: _Settings) -> dict:
             }
         )
     return {
-        "name": pair_name(row["cnn"], row["sa"]),
+        "name": pair_name(cnn, sa),
         "models": entries,
         "bundle_dir": str(settings.bundle),
         "dataset_dir": str(settings.dataset),
@@ -393,19 +394,19 @@ def _paired_spec(row: dict, report: dict, settings: _Settings) -> dict:
 
 
 def _paired(report: dict, settings: _Settings, bar) -> dict:
-    """Each pair of the matched-accuracy table timed once more in one process, the SA model in int8 and the CNN in
-    fp32 and in int8 in turn, round after round (:func:`_paired_spec`), so that the table's ratios do not depend on
-    how fast the machine happened to run when each model was timed on its own. Reused from ``runs/paired`` when the
-    same model files were timed with the same settings.
+    """Each matched pair (:func:`~monai_qsa.benchmark.sweep_report.matched_pairs`) timed once more in one process,
+    the SA model in int8 and the CNN in fp32 and in int8 in turn, round after round (:func:`_paired_spec`), so that
+    the table's ratios do not depend on how fast the machine happened to run when each model was timed on its own.
+    Reused from ``runs/paired`` when the same model files were timed with the same settings.
 
     Returns:
         ``{pair_name(cnn, sa): {role: timing}}``, each timing as
         :func:`~monai_qsa.benchmark.measure.measure_alternating` gives it, plus the sweep's ``timing_mode``.
     """
     paired = {}
-    for row in report["matched"]:
-        if row["sa"] is not None:
-            spec = _paired_spec(row, report, settings)
+    for cnn, sa in matched_pairs(report).items():
+        if sa is not None:
+            spec = _paired_spec(cnn, sa, report, settings)
             bar.set_postfix_str(f"paired timing {spec['name']}")
             key = {**spec, "model_mtimes_ns": [_model_file(entry).stat().st_mtime_ns for entry in spec["models"]]}
             cache = settings.runs / "paired" / f"{spec['name']}.json"

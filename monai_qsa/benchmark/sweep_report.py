@@ -16,6 +16,7 @@ __all__ = [
     "pareto_front",
     "pareto_fronts",
     "matched_accuracy_table",
+    "matched_pairs",
     "chosen_models",
     "markdown_sweep_report",
     "write_sweep_report",
@@ -121,21 +122,12 @@ def _ratios(sa: dict, cnn: dict, sa_row: dict, cnn_row: dict, cnn_precision: str
     }
 
 
-def matched_accuracy_table(report: dict) -> list[dict]:
-    """For each CNN of the report, the cheapest (latency, fastest mode, reference threads) SA int8 model whose
-    validation metric is at least the CNN's fp32 metric minus the report's ``tolerance``, with SA int8 / CNN ratios of
-    latency, energy, stored size, multiply-adds and parameters against the CNN in fp32 (its fastest mode) and in
-    int8. ``sa`` is None where no SA model is that accurate. The SA model is chosen from each model's own timing;
-    where ``report["paired"]`` holds the pair timed in turn (see :data:`PAIRED_ROLES`), the latencies and energies
-    of the row come from that timing (``timed_in_turn`` True).
-
-    Returns:
-        rows ``{"cnn", "cnn_metric", "sa", "sa_metric", "timed_in_turn", "sa_latency_ms", "cnn_fp32_latency_ms",
-        "cnn_int8_latency_ms", "vs_cnn_fp32": {"latency", "energy", "size", "flops", "parameters"}, "vs_cnn_int8":
-        {...}}``.
-    """
+def matched_pairs(report: dict) -> dict[str, str | None]:
+    """For each CNN of the report, the cheapest (latency, fastest mode, reference threads, from each model's own
+    timing) SA model whose int8 validation metric is at least the CNN's fp32 metric minus the report's
+    ``tolerance``, or None where no SA model is that accurate: ``{cnn: sa}``."""
     threads, models = report["reference_threads"], report["models"]
-    rows = []
+    pairs = {}
     for cnn, cnn_row in models.items():
         if cnn_row["family"] != "CNN":
             continue
@@ -145,10 +137,28 @@ def matched_accuracy_table(report: dict) -> list[dict]:
             for name, row in models.items()
             if row["family"] == "SA" and row["int8_metric"] >= target
         ]
+        pairs[cnn] = min(accurate)[1] if accurate else None
+    return pairs
+
+
+def matched_accuracy_table(report: dict) -> list[dict]:
+    """For each CNN of the report, its SA int8 match (:func:`matched_pairs`) with SA int8 / CNN ratios of latency,
+    energy, stored size, multiply-adds and parameters against the CNN in fp32 (its fastest mode) and in int8. ``sa``
+    is None where no SA model is accurate enough. Where ``report["paired"]`` holds the pair timed in turn (see
+    :data:`PAIRED_ROLES`), the latencies and energies of the row come from that timing (``timed_in_turn`` True).
+
+    Returns:
+        rows ``{"cnn", "cnn_metric", "sa", "sa_metric", "timed_in_turn", "sa_latency_ms", "cnn_fp32_latency_ms",
+        "cnn_int8_latency_ms", "vs_cnn_fp32": {"latency", "energy", "size", "flops", "parameters"}, "vs_cnn_int8":
+        {...}}``.
+    """
+    threads, models = report["reference_threads"], report["models"]
+    rows = []
+    for cnn, sa in matched_pairs(report).items():
+        cnn_row = models[cnn]
         costs = {"cnn_fp32": fastest(cnn_row, "fp32", threads), "cnn_int8": fastest(cnn_row, "int8", threads)}
         row = {"cnn": cnn, "cnn_metric": cnn_row["fp32_metric"], "sa": None}
-        if accurate:
-            sa = min(accurate)[1]
+        if sa is not None:
             sa_row = models[sa]
             paired = report.get("paired", {}).get(pair_name(cnn, sa))
             if paired is not None:

@@ -441,12 +441,15 @@ def _kernel_shape(dims: int, spatial: list[int], kernel_size: int) -> tuple[list
     return list(spatial), [kernel_size] * 3
 
 
+def _threads_for(multiply_accumulates: int) -> int:
+    """PyTorch's thread count, reduced to one thread per ``_GRAIN`` multiply-accumulates of a kernel call (small
+    calls do not pay for starting and joining threads). The kernels' results do not depend on it."""
+    return max(1, min(torch.get_num_threads(), multiply_accumulates // _GRAIN))
+
+
 def _thread_count(qkv_shape: Sequence[int], kernel_size: int) -> int:
-    """PyTorch's thread count, reduced to one thread per ``_GRAIN`` multiply-accumulates of the attention of a
-    projection of shape ``qkv_shape`` (small layers do not pay for starting and joining threads). The results do
-    not depend on it."""
-    work = math.prod(qkv_shape) * kernel_size ** (len(qkv_shape) - 4)
-    return max(1, min(torch.get_num_threads(), work // _GRAIN))
+    """:func:`_threads_for` the attention of a projection of shape ``qkv_shape``."""
+    return _threads_for(math.prod(qkv_shape) * kernel_size ** (len(qkv_shape) - 4))
 
 
 def _check_status(status: int, kernel: str = "monai_qsa local attention kernel") -> None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 # private helpers shared with the int8 attention on purpose: the same library, paths and thread policy
-from monai_qsa.networks.blocks.local_attention import _GRAIN, _check_status
+from monai_qsa.networks.blocks.local_attention import _check_status, _threads_for
 from monai_qsa.networks.blocks.local_attention_int8 import (
     INT8_ATTENTION_PATHS,
     _define_inference_operator,
@@ -202,8 +202,7 @@ def restore_head_int8(
         in_zero_point, refine_weight.data_ptr(), refine_weight_scale.data_ptr(),
         None if refine_bias is None else refine_bias.data_ptr(), mid, mid_scale, mid_zero_point,
         head_weight.data_ptr(), head_weight_scale.data_ptr(), None if head_bias is None else head_bias.data_ptr(),
-        out_channels, out.data_ptr(), INT8_ATTENTION_PATHS[path],
-        max(1, min(torch.get_num_threads(), macs // _GRAIN)),
+        out_channels, out.data_ptr(), INT8_ATTENTION_PATHS[path], _threads_for(macs),
     )  # fmt: skip
     if status == 2:
         raise RuntimeError(f"{_NAME}: this CPU cannot run path {path!r}.")
