@@ -367,8 +367,8 @@ def _paired_spec(cnn: str, sa: str, report: dict, settings: _Settings) -> dict:
     modes = TIMING_MODES if settings.compile else _EAGER_MODES
     entries = []
     names = {"cnn": cnn, "sa": sa}
-    for role, (model_key, precision) in PAIRED_ROLES.items():
-        model = report["models"][names[model_key]]
+    for role, (member, precision) in PAIRED_ROLES.items():
+        model = report["models"][names[member]]
         mode = fastest(model, precision, threads)["mode"]
         entries.append(
             {

@@ -33,8 +33,8 @@ COSTS = {"latency_ms": "latency per case (ms, median)", "energy_j": "energy per 
 #: the product's target at matched accuracy: SA int8 latency and energy at most these multiples of the CNN's, per CNN
 #: precision
 TARGETS = {"fp32": 0.5, "int8": 1.0}
-#: the models of a matched pair timed in turn (``report["paired"]``): role → (the matched row's key naming the
-#: model, precision)
+#: the models of a matched pair timed in turn (``report["paired"]``): role → (which model of the pair, ``"sa"`` or
+#: ``"cnn"``, precision)
 PAIRED_ROLES = {"sa_int8": ("sa", "int8"), "cnn_fp32": ("cnn", "fp32"), "cnn_int8": ("cnn", "int8")}
 
 

@@ -11,8 +11,10 @@
  * Built at run time by monai_qsa/networks/blocks/local_attention_int8.py; one build holds every instruction-set path
  * of the integer dot products, chosen per call. The rest of the computation is written once with GCC vector
  * extensions (LANES lanes) and compiled by each path's function for its target:
- *   PATH_AVX512_VNNI  vpdpbusd on 16 positions (one zmm)   PATH_AVX_VNNI  vpdpbusd on 8 positions (ymm; twice for 16)
- *   PATH_AVX2         even/odd bytes as int16 + 2 vpmaddwd: exact (vpmaddubsw would saturate)
+ *   PATH_AVX512_VNNI  vpdpbusd on one vector (zmm, or ymm in 8-lane builds)
+ *   PATH_AVX_VNNI     vpdpbusd on 8 positions (ymm; twice in 16-lane builds)
+ *   PATH_AVX2         even/odd bytes as int16 + 2 vpmaddwd: exact (vpmaddubsw would saturate); ymm, or zmm in
+ *                     builds with AVX-512BW (AVX-512 CPUs without VNNI run it)
  *   PATH_SCALAR       plain C, any CPU
  * The integer sums are exact, so every path gives the same output.
  *
@@ -60,8 +62,9 @@
 
 #define BLOCK 64 /* positions of one work item: a piece of an image row */
 /* positions of one vector step: one register of the build's widest vectors. 16 (a zmm) where the build targets
- * AVX-512 (-march=native on such a CPU); 8 (a ymm) on other x86 CPUs, whose compiler otherwise keeps 16-lane vectors
- * in memory (measured: the AVX2 build's paths spent most of their time storing and reloading them). Every path of a
+ * AVX-512 (-march=native on such a CPU); 8 on other x86 CPUs (a ymm; two xmm without AVX, where only the scalar path
+ * runs), whose compiler otherwise keeps 16-lane vectors in memory (measured: the AVX2 build's paths spent most of
+ * their time storing and reloading them). Every path of a
  * build uses the same width, and each position's arithmetic is the same whatever the width: the same output. */
 #if X86 && !defined(__AVX512F__)
 #define LANES 8
@@ -148,18 +151,31 @@ __attribute__((target("avx2"))) static inline __m256i dpbusd_avx2(__m256i acc, _
 }
 
 #if LANES == 16
-/* a 16-lane vector as two ymm halves (an AVX-512 build, where the ymm paths run only when forced) */
+/* a 16-lane vector as two ymm halves, for the avx_vnni path of an AVX-512 build (run only when forced: CPUs with
+ * AVX-VNNI and AVX-512 have AVX-512 VNNI too) */
 typedef union {
     i32xN v;
     __m256i half[2];
 } halves_t;
 
+#if defined(__AVX512BW__)
+/* AVX-512 CPUs without VNNI (Skylake-SP/X) run the avx2 path of this build: dpbusd_avx2's products on whole zmm
+ * registers (AVX-512BW) */
+__attribute__((target("avx512f,avx512bw"))) static inline i32xN dp_avx2(i32xN acc, const uint8_t *a, i32xN b) {
+    const __m512i low_bytes = _mm512_set1_epi16(0xFF), va = _mm512_loadu_si512(a), vb = (__m512i)b;
+    const __m512i a_even = _mm512_and_si512(va, low_bytes), a_odd = _mm512_srli_epi16(va, 8);
+    const __m512i b_even = _mm512_srai_epi16(_mm512_slli_epi16(vb, 8), 8), b_odd = _mm512_srai_epi16(vb, 8);
+    const __m512i products = _mm512_add_epi32(_mm512_madd_epi16(a_even, b_even), _mm512_madd_epi16(a_odd, b_odd));
+    return (i32xN)_mm512_add_epi32((__m512i)acc, products);
+}
+#else
 __attribute__((target("avx2"))) static inline i32xN dp_avx2(i32xN acc, const uint8_t *a, i32xN b) {
     halves_t h = {acc}, hb = {b};
     for (int i = 0; i < 2; i++)
         h.half[i] = dpbusd_avx2(h.half[i], _mm256_loadu_si256((const __m256i *)(a + 32 * i)), hb.half[i]);
     return h.v;
 }
+#endif
 
 __attribute__((target("avx2,avxvnni"))) static inline i32xN dp_avx_vnni(i32xN acc, const uint8_t *a, i32xN b) {
     halves_t h = {acc}, hb = {b};
@@ -173,18 +189,11 @@ __attribute__((target("avx512f,avx512vnni"))) static inline i32xN dp_avx512_vnni
     return (i32xN)_mm512_dpbusd_epi32((__m512i)acc, _mm512_loadu_si512(a), (__m512i)b);
 }
 
-__attribute__((target("avx2"))) static inline f32xN max_avx2(f32xN a, f32xN b) {
-    union {
-        f32xN v;
-        __m256 half[2];
-    } ha = {a}, hb = {b};
-    for (int i = 0; i < 2; i++) ha.half[i] = _mm256_max_ps(ha.half[i], hb.half[i]);
-    return ha.v;
-}
-
 __attribute__((target("avx512f"))) static inline f32xN max_avx512(f32xN a, f32xN b) {
     return (f32xN)_mm512_max_ps((__m512)a, (__m512)b);
 }
+
+#define max_avx2 max_avx512 /* a 16-lane build targets AVX-512 */
 #else /* 8 lanes: one ymm on every path */
 __attribute__((target("avx2"))) static inline i32xN dp_avx2(i32xN acc, const uint8_t *a, i32xN b) {
     return (i32xN)dpbusd_avx2((__m256i)acc, _mm256_loadu_si256((const __m256i *)a), (__m256i)b);
