@@ -64,8 +64,8 @@
 /* positions of one vector step: one register of the build's widest vectors. 16 (a zmm) where the build targets
  * AVX-512 (-march=native on such a CPU); 8 on other x86 CPUs (a ymm; two xmm without AVX, where only the scalar path
  * runs), whose compiler otherwise keeps 16-lane vectors in memory (measured: the AVX2 build's paths spent most of
- * their time storing and reloading them). Every path of a
- * build uses the same width, and each position's arithmetic is the same whatever the width: the same output. */
+ * their time storing and reloading them). Every path of a build uses the same width, and each position's arithmetic
+ * is the same whatever the width: the same output. */
 #if X86 && !defined(__AVX512F__)
 #define LANES 8
 #else
@@ -110,10 +110,9 @@ static inline __attribute__((always_inline)) f32xN select_f32(i32xN mask, f32xN 
     return (f32xN)(((i32xN)yes & mask) | ((i32xN)no & ~mask));
 }
 
-/* a > b ? a : b per lane. The x86 paths use vmaxps, which computes exactly that (NaN or equal: b): one instruction
- * where this takes a compare and a blend, whose 64-byte masks GCC lowers through memory on the ymm paths of an
- * AVX-512 build (measured, when every build had 16 lanes: the AVX2 paths of an AVX2 build spent a quarter of their
- * time here) */
+/* a > b ? a : b per lane (the scalar path). The x86 paths use vmaxps, which computes exactly that (NaN or equal: b):
+ * one instruction where this takes a compare and a blend (measured, when every build had 16 lanes: GCC lowered this
+ * one's masks through memory in AVX2 builds, a quarter of their AVX2 paths' time) */
 static inline __attribute__((always_inline)) f32xN max_f32(f32xN a, f32xN b) { return select_f32(a > b, a, b); }
 
 typedef f32xN (*max_fn)(f32xN, f32xN);
@@ -152,7 +151,7 @@ __attribute__((target("avx2"))) static inline __m256i dpbusd_avx2(__m256i acc, _
 
 #if LANES == 16
 /* a 16-lane vector as two ymm halves, for the avx_vnni path of an AVX-512 build (run only when forced: CPUs with
- * AVX-VNNI and AVX-512 have AVX-512 VNNI too) */
+ * AVX-VNNI and AVX-512 have AVX-512 VNNI too) and its avx2 path without AVX-512BW */
 typedef union {
     i32xN v;
     __m256i half[2];
