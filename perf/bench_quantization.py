@@ -31,6 +31,7 @@ from monai.networks.nets import BasicUNet
 from monai_qsa.benchmark.tasks import sa_network_def
 from monai_qsa.bundle import bundle_dir
 from monai_qsa.models import build_network
+from monai_qsa.networks.blocks.local_attention import CFLAGS_VARIABLE
 from monai_qsa.networks.blocks.local_attention_int8 import (
     PATH_VARIABLE,
     int8_attention_paths,
@@ -115,6 +116,7 @@ def bench_attention(case: str, repeats: int) -> list[str]:
         f"\n{case}: C={channels}, {heads} heads, k={kernel_size}, image {size}; int8 kernel {ops / 1e9:.2f} G int ops"
     )
     rows = []
+    requested = os.environ.get(PATH_VARIABLE)  # the networks' cases run on it afterwards
     for threads in (1, 2):
         torch.set_num_threads(threads)
         peak = int8_peak_ops_per_second(repeats)
@@ -134,7 +136,10 @@ def bench_attention(case: str, repeats: int) -> list[str]:
                 f"| operator {case}, {path} | {threads} | {fp32 * 1e3:.2f} ms | {int8 * 1e3:.2f} ms | "
                 f"{fp32 / int8:.2f}x | {ops / int8 / peak:.1%} of {peak / 1e9:.0f} G ops/s |"
             )
+    if requested is None:
         os.environ.pop(PATH_VARIABLE)
+    else:
+        os.environ[PATH_VARIABLE] = requested
     return rows
 
 
@@ -206,7 +211,9 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     print(
         f"torch {torch.__version__}, median of {args.repeats} runs after 2 warm-up runs, batch 1, {cpu_model()}, "
-        f"clock {args.clock}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+        f"clock {args.clock}, load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
+        f"{CFLAGS_VARIABLE}={os.environ.get(CFLAGS_VARIABLE, '')!r}, "
+        f"{PATH_VARIABLE}={os.environ.get(PATH_VARIABLE, 'auto')!r}"
     )
     operator_rows, network_rows = [], []
     for case in (case for case in args.cases if case in ATTENTION_CASES):
