@@ -53,8 +53,8 @@ CASES = {"2d": ((1, 1, 256, 256), "sa_seg"), "3d": ((1, 1, 96, 96, 96), "sa_seg3
 ATTENTION_CASES = {"attention-2d": (2, (128, 128), 64, 4, 7), "attention-3d": (3, (32, 32, 32), 32, 2, 5)}
 #: the int8 engine step by step: PT2E alone (fp32 attention, 3D convolutions computed in fp32), + the int8
 #: attention (its projection a separate int8 convolution), + the projection fused into the attention's kernel,
-#: + the resolution restore and head as one operator (2D SAUNets), + int8 3D convolutions (``int8_conv3d=True``,
-#: as sa_seg3d quantises); each compiled with freezing
+#: + the resolution restore and head as one operator (in 3D only with int8 3D convolutions: there it comes with the
+#: last form), + int8 3D convolutions (``int8_conv3d=True``, as sa_seg3d quantises); each compiled with freezing
 PT2E_FORM = "int8 x86_inductor compiled"
 INT8_ATTENTION_FORM = "int8 + int8 attention compiled"
 FUSED_FORM = "int8 + int8 attention, fused projection compiled"

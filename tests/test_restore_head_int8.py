@@ -19,17 +19,19 @@ RESTORE = torch.ops.monai_qsa.restore_head_int8
 
 def _problem(batch=2, channels=4, stride=4, low=(8, 8), size=(32, 32), image_channels=1, mid=4, out=2,
              channels_last=True, strided=False, seed=0) -> tuple:  # fmt: skip
-    """Random operator arguments: features of ``channels * stride**2`` maps at ``low``, an image of ``size``; with
-    ``strided``, the image, the weight scales and the biases are views with gaps (every other element)."""
+    """Random operator arguments, 2D or 3D (as many dimensions as ``low`` has): features of ``channels *
+    stride**dims`` maps at ``low``, an image of ``size``; with ``strided``, the image, the weight scales and the
+    biases are views with gaps (every other element)."""
+    dims = len(low)
     generator = torch.Generator().manual_seed(seed)
-    features = torch.randn(batch, channels * stride**2, *low, generator=generator)
+    features = torch.randn(batch, channels * stride**dims, *low, generator=generator)
     if channels_last:
-        features = features.contiguous(memory_format=torch.channels_last)
+        features = features.contiguous(memory_format=torch.channels_last if dims == 2 else torch.channels_last_3d)
     step = 2 if strided else 1
-    image = 2 * torch.randn(batch, image_channels, size[0], size[1] * step, generator=generator)[..., ::step]
-    image[0, 0, 1, 2] = float("nan")  # quantised to the top code, as the int8 program's quantisation does
-    refine_weight = torch.randint(-127, 128, (mid, channels + image_channels, 3, 3), generator=generator)
-    head_weight = torch.randint(-127, 128, (out, mid, 1, 1), generator=generator)
+    image = 2 * torch.randn(batch, image_channels, *size[:-1], size[-1] * step, generator=generator)[..., ::step]
+    image[(0, 0) + (1,) * (dims - 1) + (2,)] = float("nan")  # the top code, as the int8 program's quantisation
+    refine_weight = torch.randint(-127, 128, (mid, channels + image_channels) + (3,) * dims, generator=generator)
+    head_weight = torch.randint(-127, 128, (out, mid) + (1,) * dims, generator=generator)
     refine_scale, head_scale = (0.001 + 0.01 * torch.rand(n * step, generator=generator)[::step] for n in (mid, out))
     refine_bias, head_bias = (torch.randn(n * step, generator=generator)[::step] for n in (mid, out))
     return (
@@ -47,6 +49,14 @@ PROBLEMS = {
     ),
     "5 refined, contiguous, 1 out": {"batch": 1, "mid": 5, "out": 1, "channels_last": False},
     "smaller than a band and a vector, strided": {"low": (3, 3), "size": (11, 13), "strided": True},
+    "3D stride 2": {"channels": 4, "stride": 2, "low": (5, 6, 7), "size": (10, 12, 14)},
+    "3D more planes than an item, cropped and replicated": dict(
+        batch=1, channels=3, stride=2, low=(9, 4, 5), size=(17, 9, 9), image_channels=2, mid=8, out=3
+    ),
+    "3D two bands, row of 33": {"batch": 1, "stride": 2, "low": (2, 10, 16), "size": (3, 20, 33)},
+    "3D stride 4, contiguous, 5 refined, strided": dict(
+        channels=2, low=(2, 3, 3), size=(8, 12, 11), mid=5, out=1, channels_last=False, strided=True
+    ),
 }
 
 
@@ -69,7 +79,12 @@ def test_every_path_computes_the_reference_to_the_bit(name, monkeypatch):
 def test_an_avx2_build_computes_the_reference_to_the_bit(monkeypatch):
     """Built as for an AVX2-only CPU ($MONAI_QSA_KERNEL_CFLAGS=-mno-avx512f), every path it has gives the reference's
     output: the builds an AVX2-only CPU makes are tested on AVX-512 machines too."""
-    problems = [_problem(**PROBLEMS[name]) for name in ("image larger (replicated)", "stride 2, 8 refined, 3 out")]
+    names = (
+        "image larger (replicated)",
+        "stride 2, 8 refined, 3 out",
+        "3D more planes than an item, cropped and replicated",
+    )
+    problems = [_problem(**PROBLEMS[name]) for name in names]
     monkeypatch.setenv(CFLAGS_VARIABLE, "-mno-avx512f")
     _library.cache_clear()
     try:
@@ -83,21 +98,30 @@ def test_an_avx2_build_computes_the_reference_to_the_bit(monkeypatch):
         _library.cache_clear()
 
 
-def test_reference_is_the_int8_graph_function():
-    """Quantise, 3x3 convolution of the dequantised codes + ReLU, requantise, 1x1 convolution: what the int8 program
-    computed before the fusion, up to the order of fp32 sums (at most one code of the refinement apart)."""
+@pytest.mark.parametrize("dims", [2, 3])
+def test_reference_is_the_int8_graph_function(dims):
+    """Quantise, 3x3(x3) convolution of the dequantised codes + ReLU, requantise, 1x1(x1) convolution: what the int8
+    program computed before the fusion, up to the order of fp32 sums (at most one code of the refinement apart)."""
+    low, size, crop = (
+        ((20, 20), (78, 77), [0, -3, 0, -2]) if dims == 2 else ((5, 9, 9), (9, 17, 19), [0, 1, 0, -1, 0, -1])
+    )
     features, image, stride, in_scale, in_zp, rw, rs, rb, mid_scale, mid_zp, hw, hs, hb = _problem(
-        low=(20, 20), size=(78, 77)
+        stride=4 if dims == 2 else 2, low=low, size=size
     )
     image = torch.nan_to_num(image)  # fake_quantize_per_tensor_affine keeps NaN
-    upsampled = F.pad(F.pixel_shuffle(features, stride), [0, -3, 0, -2], mode="replicate")  # crop 80x80 to 78x77
+    shuffled = (
+        F.pixel_shuffle(features, stride) if dims == 2 else torch.ops.monai_qsa.pixel_shuffle_3d(features, stride)
+    )
+    upsampled = F.pad(shuffled, crop, mode="replicate")  # crop or replicate at the far borders to the image size
     x = torch.cat([upsampled, image], 1)
     x = torch.fake_quantize_per_tensor_affine(x, in_scale, in_zp, 0, 255)
-    refined = F.relu(F.conv2d(x, rw.float() * rs.view(-1, 1, 1, 1), rb, padding=1))
+    conv = F.conv2d if dims == 2 else F.conv3d
+    per_channel = (-1,) + (1,) * (dims + 1)
+    refined = F.relu(conv(x, rw.float() * rs.view(per_channel), rb, padding=1))
     refined = torch.fake_quantize_per_tensor_affine(refined, mid_scale, mid_zp, 0, 255)
-    expected = F.conv2d(refined, hw.float() * hs.view(-1, 1, 1, 1), hb)
+    expected = conv(refined, hw.float() * hs.view(per_channel), hb)
     fused = RESTORE(features, image, stride, in_scale, in_zp, rw, rs, rb, mid_scale, mid_zp, hw, hs, hb)
-    one_code = mid_scale * (hw.float().abs().sum((1, 2, 3)) * hs).max()
+    one_code = mid_scale * (hw.float().abs().flatten(1).sum(1) * hs).max()
     assert (fused - expected).abs().max() <= one_code
     assert (fused - expected).abs().mean() < 1e-3 * one_code  # and almost everywhere the same
 
@@ -107,13 +131,18 @@ def test_reference_is_the_int8_graph_function():
     [
         (lambda p: p[:5] + (p[5].float(),) + p[6:], "refine_weight must be a dense torch.int8"),
         (lambda p: p[:5] + (p[5][:, :3],) + p[6:], "refine_weight must be (mid, 5, 3, 3)"),
+        (
+            lambda p: _problem(low=(2, 3, 4), size=(4, 6, 8), stride=2)[:5] + p[5:],
+            "refine_weight must be (mid, 5, 3, 3, 3)",
+        ),
         (lambda p: p[:2] + (3,) + p[3:], "stride must be an integer from 1 to 64"),
         (lambda p: p[:2] + (2**32,) + p[3:], "stride must be an integer from 1 to 64"),
         (lambda p: (p[0][:, :0],) + p[1:], "features must have at least one channel and position"),
         (lambda p: p[:3] + (0.0,) + p[4:], "in_scale must be positive and finite"),
         (lambda p: p[:9] + (300,) + p[10:], "mid_zero_point must be a uint8 code"),
         (lambda p: p[:10] + (p[10][:, :2],) + p[11:], "head_weight must be (out_channels, 4, 1, 1)"),
-        (lambda p: p[:1] + (p[1][:1],) + p[2:], "features and image must be (B, C, H, W) of one batch"),
+        (lambda p: p[:1] + (p[1][:1],) + p[2:], "features and image must be (B, C, H, W) or (B, C, D, H, W) of one"),
+        (lambda p: p[:1] + (p[1][:, :, None],) + p[2:], "features and image must be (B, C, H, W) or (B, C, D, H, W)"),
         (lambda p: (p[0][:, :, :0],) + p[1:], "features must have at least one channel and position"),
     ],
 )
@@ -187,9 +216,28 @@ def test_restores_the_operator_does_not_take_stay_unfused():
         assert qmodel(batches[0]).shape == (1, 2, 32, 32)
 
 
-def test_3d_saunets_keep_their_unfused_restore():
+def test_int8_3d_programs_use_it_where_their_convolutions_compute_in_int8(tmp_path):
     torch.manual_seed(0)
-    net = SAUNet(3, 1, 2, preset="s4_light_nano").eval()
+    net = SAUNet(3, 1, 2, preset="s2_light", features=(8, 16, 16, 32), kernel_size=3, num_heads=2).eval()
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm3d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2.0)
     batches = [torch.randn(1, 1, 16, 16, 16) for _ in range(2)]
-    qmodel = quantize_ptq(net, batches, batches[0])
-    assert not [n for n in qmodel.program.graph.nodes if n.target is RESTORE.default]
+    fused = quantize_ptq(net, batches, batches[0], int8_conv3d=True)
+    unfused = quantize_ptq(net, batches, batches[0], int8_conv3d=True, fuse_restore_head=False)
+    assert len([n for n in fused.program.graph.nodes if n.target is RESTORE.default]) == 1
+    assert not [n for n in fused.program.graph.nodes if n.target is torch.ops.monai_qsa.pixel_shuffle_3d.default]
+    x = torch.randn(1, 1, 15, 13, 11)  # sizes that are no multiple of the stem's stride
+    with torch.no_grad():
+        out, reference = fused(x), unfused(x)
+    assert out.shape == (1, 2, 15, 13, 11)
+    assert (out - reference).abs().max() <= 0.05 * reference.abs().max()
+    assert (out - reference).abs().mean() <= 1e-3 * reference.abs().mean()
+    path = save_quantized(tmp_path / "s2_light_int8.pt2", fused, batches[0])
+    with torch.no_grad():
+        assert torch.equal(load_quantized(path)(x), out)
+    # computed in fp32 from int8 weights (int8_conv3d=False), the refinement is no int8 convolution: left alone
+    weight_only = quantize_ptq(net, batches, batches[0])
+    assert not [n for n in weight_only.program.graph.nodes if n.target is RESTORE.default]

@@ -16,15 +16,18 @@ _DEQUANTIZE = "dequantize_per_tensor"
 
 
 def fuse_restore_heads(program: torch.fx.GraphModule) -> int:
-    """Replace each SAUNet resolution restore + head of an int8 2D program by one ``restore_head_int8`` node, in
-    place: the nodes from the upsampling convolution's output to the head's output, that is ``pixel_shuffle``,
-    the crop/pad to the image size, ``cat`` with the image, the uint8 quantisation, the 3x3 convolution (its batch
-    norm folded in by ``convert_pt2e``), ReLU, the uint8 requantisation and the 1x1 head, each used by the next
-    only. The operator takes the program's quantisation points and stored int8 weights as they are: the same
-    function up to the order of fp32 sums, computed in one pass (see the operator's module).
+    """Replace each SAUNet resolution restore + head of an int8 program by one ``restore_head_int8`` node, in
+    place: the nodes from the upsampling convolution's output to the head's output, that is ``pixel_shuffle``
+    (``pixel_shuffle_3d``), the crop/pad to the image size, ``cat`` with the image, the uint8 quantisation, the
+    3x3(x3) convolution (its batch norm folded in by ``convert_pt2e``), ReLU, the uint8 requantisation and the
+    1x1(x1) head, each used by the next only. 3D programs qualify when their convolutions compute in int8
+    (``conv3d_int8``, ``quantize_ptq(int8_conv3d=True)``). The operator takes the program's quantisation points and
+    stored int8 weights as they are: the same function up to the order of fp32 sums, computed in one pass (see the
+    operator's module).
 
-    Anything else (another activation or norm, 3D, a head that is not 1x1, per-channel weights with zero points,
-    sizes the operator does not take, e.g. more than 16 refined channels) is left as it is.
+    Anything else (another activation or norm, 3D convolutions computed in fp32, a head that is not 1x1(x1),
+    per-channel weights with zero points, sizes the operator does not take, e.g. more than 16 refined channels) is
+    left as it is.
 
     Returns:
         the number of restore + head subgraphs fused.
@@ -102,8 +105,10 @@ def _conv_arguments(conv: torch.fx.Node, padding: int) -> tuple | None:
     return weight, bias
 
 
-def _restore_head(program: torch.fx.GraphModule, head: torch.fx.Node) -> tuple | None:
-    """The ``restore_head_int8`` arguments of the subgraph that ends in ``head`` (see :func:`fuse_restore_heads`);
+def _refinement_2d(program: torch.fx.GraphModule, head: torch.fx.Node) -> tuple | None:
+    """``(refinement input, its scale, its zero point, refine weight, its scales, refine bias, mid scale, mid zero
+    point, head weight, its scales, head bias)`` of a 2D program's refinement + ReLU + head ending in ``head``: int8
+    convolutions as ``convert_pt2e`` leaves them (quantise, dequantise, ``conv2d`` of dequantised int8 weights);
     None if it is not one."""
     head_conv = _conv_arguments(head, padding=0)
     head_input = _quantized_input(head) if head_conv else None
@@ -111,49 +116,101 @@ def _restore_head(program: torch.fx.GraphModule, head: torch.fx.Node) -> tuple |
     refine = _sole_input(relu) if _is(relu, "relu") else None
     refine_conv = _conv_arguments(refine, padding=1) if refine is not None else None
     refine_input = _quantized_input(refine) if refine_conv else None
-    cat = refine_input[0] if refine_input else None
+    if refine_input is None:
+        return None
+    head_weight, refine_weight = _int8_weight(program, head_conv[0]), _int8_weight(program, refine_conv[0])
+    if head_weight is None or refine_weight is None:
+        return None
+    return *refine_input, *refine_weight, refine_conv[1], *head_input[1:], *head_weight, head_conv[1]
+
+
+def _refinement_3d(head: torch.fx.Node) -> tuple | None:
+    """:func:`_refinement_2d`'s tuple for a 3D program's: ``conv3d_int8`` nodes (stride 1, padding 1 and 0, stored
+    int8 weights) whose inputs are uint8 quantisations used by them only; None if it is not one."""
+    head_conv = _conv3d_int8_arguments(head, padding=0)
+    relu = head_conv[0] if head_conv else None
+    refine = _sole_input(relu) if _is(relu, "relu") else None
+    refine_conv = _conv3d_int8_arguments(refine, padding=1) if refine is not None else None
+    if refine_conv is None:
+        return None
+    return *refine_conv, *head_conv[1:]
+
+
+def _conv3d_int8_arguments(conv, padding: int) -> tuple | None:
+    """``(fp32 input, scale, zero point, weight node, weight-scale node, bias)`` of a ``conv3d_int8`` node of stride
+    1, the given padding and no dilation, whose uint8 input quantises a value with the node's own scale and zero
+    point, nothing else using either; None otherwise."""
+    if not _is(conv, "conv3d_int8", 9):
+        return None
+    quantized, scale, zero_point, weight, weight_scale, bias, stride, pad, dilation = conv.args
+    if list(stride) != [1, 1, 1] or list(pad) != [padding] * 3 or list(dilation) != [1, 1, 1]:
+        return None
+    if not all(isinstance(n, torch.fx.Node) and n.op == "get_attr" for n in (weight, weight_scale)):
+        return None
+    if _sole_input(conv) is None or not _is(quantized, _QUANTIZE, 6) or _sole_input(quantized) is None:
+        return None
+    if quantized.args[1:] != (scale, zero_point, 0, 255, torch.uint8) or not isinstance(scale, float):
+        return None
+    if not isinstance(zero_point, int):
+        return None
+    return quantized.args[0], scale, zero_point, weight, weight_scale, bias
+
+
+def _restore_head(program: torch.fx.GraphModule, head: torch.fx.Node) -> tuple | None:
+    """The ``restore_head_int8`` arguments of the subgraph that ends in ``head`` (see :func:`fuse_restore_heads`);
+    None if it is not one."""
+    refinement = _refinement_2d(program, head) or _refinement_3d(head)
+    if refinement is None:
+        return None
+    cat, in_scale, in_zero_point, *weights_and_points = refinement
     if not _is(cat, "cat") or cat.args[1:] != (1,) or len(cat.args[0]) != 2:
         return None
     upsampled, image = cat.args[0]
     consumer = cat
     if _is(upsampled, "pad", 3) and list(upsampled.users) == [cat] and _far_side_replicate(*upsampled.args[1:]):
         consumer, upsampled = upsampled, upsampled.args[0]  # match_size: replicate-pad or crop at the far borders
-    if not _is(upsampled, "pixel_shuffle", 2) or list(upsampled.users) != [consumer]:
-        return None
-    head_weight, refine_weight = _int8_weight(program, head_conv[0]), _int8_weight(program, refine_conv[0])
-    if head_weight is None or refine_weight is None:
+    shuffles = _is(upsampled, "pixel_shuffle", 2) or _is(upsampled, "pixel_shuffle_3d", 2)
+    if not shuffles or list(upsampled.users) != [consumer]:
         return None
     features, stride = upsampled.args
-    _, in_scale, in_zero_point = refine_input
-    _, mid_scale, mid_zero_point = head_input
-    arguments = (
-        features, image, stride, in_scale, in_zero_point, *refine_weight, refine_conv[1], mid_scale, mid_zero_point,
-        *head_weight, head_conv[1],
-    )  # fmt: skip
+    arguments = (features, image, stride, in_scale, in_zero_point, *weights_and_points)
     return arguments if _operator_takes(program, arguments) else None
 
 
 def _far_side_replicate(pad, mode) -> bool:
-    """Whether ``aten.pad``'s arguments replicate-pad or crop the two spatial axes at their far ends only, as
-    :func:`~monai_qsa.networks.nets.sa_unet.match_size` does (and the operator)."""
-    return mode == "replicate" and isinstance(pad, (list, tuple)) and len(pad) == 4 and pad[0] == 0 and pad[2] == 0
+    """Whether ``aten.pad``'s arguments replicate-pad or crop the two or three spatial axes at their far ends only,
+    as :func:`~monai_qsa.networks.nets.sa_unet.match_size` does (and the operator)."""
+    return mode == "replicate" and isinstance(pad, (list, tuple)) and len(pad) in (4, 6) and not any(pad[0::2])
 
 
 def _operator_takes(program: torch.fx.GraphModule, arguments: tuple) -> bool:
     """Whether the operator accepts ``arguments`` (the stored tensors as they are, the features and the image by
-    their traced channel counts): the pass leaves alone what the operator would refuse at run time."""
+    their channel counts): the pass leaves alone what the operator would refuse at run time."""
     values = []
     for argument in arguments:
         if isinstance(argument, torch.fx.Node) and argument.op == "get_attr":
             argument = operator.attrgetter(argument.target)(program)
         elif isinstance(argument, torch.fx.Node):  # features or image: one position of their channels
-            traced = argument.meta.get("val")
-            if not isinstance(traced, torch.Tensor) or traced.ndim != 4 or not isinstance(traced.shape[1], int):
+            shape = _traced_channels(program, argument)
+            if shape is None:
                 return False
-            argument = torch.zeros(1, traced.shape[1], 1, 1, dtype=traced.dtype)
+            argument = torch.zeros(1, shape[0], *[1] * (shape[1] - 2))
         values.append(argument)
     try:
         check_restore_head_arguments(*values)
     except ValueError:
         return False
     return True
+
+
+def _traced_channels(program: torch.fx.GraphModule, node: torch.fx.Node) -> tuple[int, int] | None:
+    """``(channels, dimensions)`` of an fp32 tensor of the graph: from its traced value, or for a ``conv3d_int8``
+    node (the int8 3D pass adds them untraced) from its stored weight; None if unknown."""
+    traced = node.meta.get("val")
+    if isinstance(traced, torch.Tensor):
+        known = traced.dtype == torch.float32 and traced.ndim in (4, 5) and isinstance(traced.shape[1], int)
+        return (traced.shape[1], traced.ndim) if known else None
+    weight = node.args[3] if _is(node, "conv3d_int8", 9) else None
+    if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
+        return operator.attrgetter(weight.target)(program).shape[0], 5
+    return None

@@ -327,10 +327,10 @@ def quantize_ptq(
         fuse_projections: with ``int8_attention``: compute each SASA layer's query/key/value projection in the
             attention's kernel, from the layer's fp32 input (default; measured 1.16-1.30x faster networks, see
             docs/int8_attention.md), instead of as an int8 convolution of its own.
-        fuse_restore_head: ``x86_inductor`` only: compute a 2D SAUNet's resolution restore and head (pixel shuffle,
-            image skip, 3x3 int8 refinement + ReLU, 1x1 int8 head) as one operator,
-            ``torch.ops.monai_qsa.restore_head_int8`` (default; the same quantisation points and int8 weights, up
-            to the order of fp32 sums, see docs/int8_attention.md).
+        fuse_restore_head: ``x86_inductor`` only: compute a SAUNet's resolution restore and head (pixel shuffle,
+            image skip, 3x3(x3) int8 refinement + ReLU, 1x1(x1) int8 head) as one operator,
+            ``torch.ops.monai_qsa.restore_head_int8`` (default; in 3D with ``int8_conv3d``; the same quantisation
+            points and int8 weights, up to the order of fp32 sums, see docs/int8_attention.md).
 
     Returns:
         the int8 model in eval mode (an :class:`InferenceGraph` for ``x86_inductor``, the rewritten module for

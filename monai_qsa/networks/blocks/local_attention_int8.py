@@ -201,7 +201,8 @@ def _library() -> ctypes.CDLL | None:
     restore = library.monai_qsa_restore_head_int8
     int64, pointer, strides = ctypes.c_int64, ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
     restore.argtypes = (
-        [pointer, strides] + [int64] * 4 + [pointer, strides] + [int64] * 4 + [ctypes.c_double, ctypes.c_int]
+        [ctypes.c_int, pointer, strides] + [int64] * 5 + [pointer, strides] + [int64] * 5
+        + [ctypes.c_double, ctypes.c_int]
         + [pointer] * 3 + [int64, ctypes.c_double, ctypes.c_int] + [pointer] * 3 + [int64, pointer] + [ctypes.c_int] * 2
     )  # fmt: skip
     restore.restype = ctypes.c_int

@@ -1,14 +1,14 @@
 """Int8 resolution restore and head of a SAUNet with a strided stem: ``torch.ops.monai_qsa.restore_head_int8``.
 
 In an int8 program the last layers of such a SAUNet (:class:`~monai_qsa.networks.nets.sa_unet.ResolutionRestore`
-and the 1x1 head) are a pixel shuffle of the upsampling convolution's output, a crop or replicate-pad to the image
-size, a concatenation with the image, a quantisation, a 3x3 int8 convolution + ReLU (the batch norm folded in), a
-requantisation and a 1x1 int8 convolution: all at full resolution on a handful of channels, where the graph spent
-about 40 % of a small network's time (a layout pass Inductor writes as scalar code, and convolution kernels made
-for many channels). This operator computes the same function in one pass: the C kernel ``restore_head_int8`` of
-``local_attention_int8.c`` (int32 sums of uint8 codes x int8 weights on the instruction-set paths of the int8
-attention, ``$MONAI_QSA_INT8_ATTENTION_PATH`` included; fp32 after the sums), or :func:`restore_head_int8_reference`
-in PyTorch operations without a C compiler. Both give the same output, to the bit.
+and the 1x1(x1) head) are a pixel shuffle of the upsampling convolution's output, a crop or replicate-pad to the
+image size, a concatenation with the image, a quantisation, a 3x3(x3) int8 convolution + ReLU (the batch norm folded
+in), a requantisation and a 1x1(x1) int8 convolution: all at full resolution on a handful of channels, where the
+graph spent about 40 % of a small 2D network's time and a third of a 3D one's (layout passes, and convolution
+kernels made for many channels). This operator computes the same function in one pass: the C kernel
+``restore_head_int8`` of ``local_attention_int8.c`` (int32 sums of uint8 codes x int8 weights on the
+instruction-set paths of the int8 attention, ``$MONAI_QSA_INT8_ATTENTION_PATH`` included; fp32 after the sums), or
+:func:`restore_head_int8_reference` in PyTorch operations without a C compiler. Both give the same output, to the bit.
 
 :func:`monai_qsa.quantization.int8_restore.fuse_restore_heads` puts it into int8 programs.
 """
@@ -30,6 +30,7 @@ from monai_qsa.networks.blocks.local_attention_int8 import (
     _library,
     _requested_path,
 )
+from monai_qsa.networks.blocks.pixel_shuffle import pixel_shuffle_3d
 
 __all__ = [
     "MAX_REFINE_INPUTS",
@@ -42,8 +43,8 @@ __all__ = [
 
 #: refined channels the C kernel keeps in registers (``MAX_MID`` in the C source)
 MAX_REFINED_CHANNELS = 16
-#: input channels of the refinement whose int32 sums cannot overflow (9 x 255 x 128 per channel)
-MAX_REFINE_INPUTS = 4096
+#: input channels of the refinement whose int32 sums cannot overflow (3^dims x 255 x 128 per channel), by dims
+MAX_REFINE_INPUTS = {2: 4096, 3: 2048}
 #: largest pixel-shuffle factor (``MAX_STRIDE`` in the C source)
 MAX_STRIDE = 64
 _NAME = "monai_qsa.restore_head_int8"
@@ -57,46 +58,50 @@ def restore_head_int8_reference(
     mid_scale: float, mid_zero_point: int, head_weight: torch.Tensor, head_weight_scale: torch.Tensor,
     head_bias: torch.Tensor | None,
 ) -> torch.Tensor:  # fmt: skip
-    """The operator's function in PyTorch operations, in the C kernel's order of fp32 roundings.
+    """The operator's function in PyTorch operations, in the C kernel's order of fp32 roundings; 2D or 3D.
 
     Args:
-        features: the upsampling convolution's output ``(B, C * stride**2, h, w)``, fp32.
-        image: the network's input ``(B, Ci, H, W)``, fp32.
+        features: the upsampling convolution's output ``(B, C * stride**dims, [d,] h, w)``, fp32.
+        image: the network's input ``(B, Ci, [D,] H, W)``, fp32.
         stride: the pixel shuffle's factor (the stem's stride).
         in_scale: uint8 scale of the refinement's input (the pixel-shuffled features, cropped or replicated at the
-            far borders to ``H x W``, and the image, concatenated).
+            far borders to the image's size, and the image, concatenated).
         in_zero_point: its zero point.
-        refine_weight: the 3x3 refinement's weight ``(mid, C + Ci, 3, 3)``, int8.
+        refine_weight: the 3x3(x3) refinement's weight ``(mid, C + Ci, [3,] 3, 3)``, int8.
         refine_weight_scale: its per-output-channel scales ``(mid,)``, fp32.
         refine_bias: its bias ``(mid,)`` or None.
         mid_scale: uint8 scale of the refinement's output after ReLU.
         mid_zero_point: its zero point.
-        head_weight: the 1x1 head's weight ``(out_channels, mid, 1, 1)``, int8.
+        head_weight: the 1x1(x1) head's weight ``(out_channels, mid, 1, 1[, 1])``, int8.
         head_weight_scale: its per-output-channel scales ``(out_channels,)``, fp32.
         head_bias: its bias ``(out_channels,)`` or None.
 
     Returns:
-        the head's output ``(B, out_channels, H, W)``, fp32.
+        the head's output ``(B, out_channels, [D,] H, W)``, fp32.
     """
     from monai_qsa.networks.nets.sa_unet import match_size  # the network's own crop/pad (nets import blocks)
 
-    x = torch.cat([match_size(F.pixel_shuffle(features, stride), image), image], dim=1) * (1.0 / in_scale)
+    dims = image.ndim - 2
+    shuffled = F.pixel_shuffle(features, stride) if dims == 2 else pixel_shuffle_3d(features, stride)
+    x = torch.cat([match_size(shuffled, image), image], dim=1) * (1.0 / in_scale)
     x = torch.where(x < 512, x, 512.0)  # as the kernel: NaN to 512 (code 255)
     x = torch.where(x > -512, x, -512.0)
     codes = torch.clamp(torch.round(x) + in_zero_point, 0, _UINT8_MAX)
     # integer sums, exact in float64; the zero padding of (codes - zero point) is the kernel's real zero
-    sums = F.conv2d((codes - in_zero_point).double(), refine_weight.double(), padding=1).float()
-    refined = sums * (refine_weight_scale * in_scale).view(1, -1, 1, 1)
-    refined = refined + (0.0 if refine_bias is None else refine_bias.view(1, -1, 1, 1))  # + 0: -0 to +0 as the kernel
+    conv = F.conv2d if dims == 2 else F.conv3d
+    sums = conv((codes - in_zero_point).double(), refine_weight.double(), padding=1).float()
+    per_channel = (1, -1) + (1,) * dims
+    refined = sums * (refine_weight_scale * in_scale).view(per_channel)
+    refined = refined + (0.0 if refine_bias is None else refine_bias.view(per_channel))  # + 0: -0 to +0 as the kernel
     refined = torch.where(refined > 0, refined, 0.0)  # ReLU, NaN to 0 as in the kernel
     code = refined * (1.0 / mid_scale)
     code = torch.round(torch.where(code < 512, code, 512.0)) + mid_zero_point
     mid = (torch.where(code < _UINT8_MAX, code, float(_UINT8_MAX)) - mid_zero_point) * mid_scale
     head = head_weight.reshape(head_weight.shape[0], -1).float() * head_weight_scale.view(-1, 1)
-    out = mid[:, :1] * head[:, 0].view(1, -1, 1, 1)
+    out = mid[:, :1] * head[:, 0].view(per_channel)
     for channel in range(1, head.shape[1]):
-        out = out + mid[:, channel : channel + 1] * head[:, channel].view(1, -1, 1, 1)
-    return out + (0.0 if head_bias is None else head_bias.view(1, -1, 1, 1))
+        out = out + mid[:, channel : channel + 1] * head[:, channel].view(per_channel)
+    return out + (0.0 if head_bias is None else head_bias.view(per_channel))
 
 
 def check_restore_head_arguments(
@@ -128,25 +133,29 @@ def check_restore_head_arguments(
             fail(f"{name} must be a dense {dtype} tensor.")
         if tensor.device != features.device:
             fail(f"{name} is on {tensor.device}, features on {features.device}.")
-    if features.ndim != 4 or image.ndim != 4 or features.shape[0] != image.shape[0]:
-        fail(f"features and image must be (B, C, H, W) of one batch, got {tuple(features.shape)} and "
-             f"{tuple(image.shape)}.")  # fmt: skip
-    if not isinstance(stride, int) or not 1 <= stride <= MAX_STRIDE or features.shape[1] % (stride * stride):
-        fail(f"stride must be an integer from 1 to {MAX_STRIDE} whose square divides features' {features.shape[1]} "
-             f"channels, got {stride!r}.")  # fmt: skip
+    dims = features.ndim - 2
+    if dims not in (2, 3) or image.ndim != features.ndim or features.shape[0] != image.shape[0]:
+        fail(f"features and image must be (B, C, H, W) or (B, C, D, H, W) of one batch, got "
+             f"{tuple(features.shape)} and {tuple(image.shape)}.")  # fmt: skip
+    cells = stride**dims if isinstance(stride, int) and 1 <= stride <= MAX_STRIDE else 0
+    if not cells or features.shape[1] % cells:
+        power = "square" if dims == 2 else "cube"
+        fail(f"stride must be an integer from 1 to {MAX_STRIDE} whose {power} divides features' "
+             f"{features.shape[1]} channels, got {stride!r}.")  # fmt: skip
     if 0 in features.shape[1:]:
         fail(f"features must have at least one channel and position, got shape {tuple(features.shape)}.")
-    in_channels = features.shape[1] // (stride * stride) + image.shape[1]
-    if in_channels > MAX_REFINE_INPUTS:
-        fail(f"the refinement takes at most {MAX_REFINE_INPUTS} input channels, got {in_channels}.")
-    mid = refine_weight.shape[0] if refine_weight.ndim == 4 else 0
-    if refine_weight.ndim != 4 or tuple(refine_weight.shape[1:]) != (in_channels, 3, 3):
-        fail(f"refine_weight must be (mid, {in_channels}, 3, 3), got {tuple(refine_weight.shape)}.")
+    in_channels = features.shape[1] // cells + image.shape[1]
+    if in_channels > MAX_REFINE_INPUTS[dims]:
+        fail(f"the {dims}D refinement takes at most {MAX_REFINE_INPUTS[dims]} input channels, got {in_channels}.")
+    kernel = (in_channels,) + (3,) * dims
+    mid = refine_weight.shape[0] if refine_weight.ndim == dims + 2 else 0
+    if tuple(refine_weight.shape[1:]) != kernel:
+        fail(f"refine_weight must be (mid, {', '.join(map(str, kernel))}), got {tuple(refine_weight.shape)}.")
     if not 1 <= mid <= MAX_REFINED_CHANNELS:
         fail(f"refine_weight has {mid} output channels; the kernel takes 1 to {MAX_REFINED_CHANNELS}.")
-    out_channels = head_weight.shape[0] if head_weight.ndim in (2, 4) else 0
-    if out_channels == 0 or tuple(head_weight.shape[1:]) not in ((mid,), (mid, 1, 1)):
-        fail(f"head_weight must be (out_channels, {mid}, 1, 1), got {tuple(head_weight.shape)}.")
+    out_channels = head_weight.shape[0] if head_weight.ndim in (2, dims + 2) else 0
+    if out_channels == 0 or tuple(head_weight.shape[1:]) not in ((mid,), (mid,) + (1,) * dims):
+        fail(f"head_weight must be (out_channels, {mid}{', 1' * dims}), got {tuple(head_weight.shape)}.")
     for name, tensor, size in (
         ("refine_weight_scale", refine_weight_scale, mid),
         ("refine_bias", refine_bias, mid),
@@ -174,8 +183,8 @@ def restore_head_int8(
     mid_scale: float, mid_zero_point: int, head_weight: torch.Tensor, head_weight_scale: torch.Tensor,
     head_bias: torch.Tensor | None,
 ) -> torch.Tensor:  # fmt: skip
-    """The int8 resolution restore and head: :func:`restore_head_int8_reference`'s output (same arguments),
-    computed by the C kernel for CPU tensors (``features`` and ``image`` in any memory layout). Raises
+    """The int8 resolution restore and head, 2D or 3D: :func:`restore_head_int8_reference`'s output (same
+    arguments), computed by the C kernel for CPU tensors (``features`` and ``image`` in any memory layout). Raises
     ``ValueError`` naming the argument when the arguments do not fit together."""
     arguments = (features, image, stride, in_scale, in_zero_point, refine_weight, refine_weight_scale, refine_bias,
                  mid_scale, mid_zero_point, head_weight, head_weight_scale, head_bias)  # fmt: skip
@@ -185,7 +194,13 @@ def restore_head_int8(
     check_restore_head_arguments(*arguments, kernel_checks_scales=native)
     if not native:
         return restore_head_int8_reference(*arguments)
-    batch, feature_channels, height, width = features.shape
+    dims = features.ndim - 2
+    # 2D as 3D of depth 1: a depth of 1 and a depth stride of 0 for the features and the image
+    feature_strides, image_strides = (
+        (*tensor.stride()[:2], *([0] * (3 - dims)), *tensor.stride()[2:]) for tensor in (features, image)
+    )
+    batch, feature_channels, *low = features.shape
+    depth, height, width = [1] * (3 - dims) + low
     out_channels, mid = head_weight.shape[0], refine_weight.shape[0]
     out = features.new_empty((batch, out_channels, *image.shape[2:]))
     if out.numel() == 0:
@@ -195,10 +210,11 @@ def restore_head_int8(
         tensor.contiguous() for tensor in (refine_weight, refine_weight_scale, head_weight, head_weight_scale)
     )
     refine_bias, head_bias = (None if bias is None else bias.contiguous() for bias in (refine_bias, head_bias))
-    macs = out.numel() // out_channels * mid * refine_weight.shape[1] * 9
+    macs = out.numel() // out_channels * mid * refine_weight.shape[1] * 3**dims
     status = library.monai_qsa_restore_head_int8(
-        features.data_ptr(), (ctypes.c_int64 * 4)(*features.stride()), feature_channels, height, width, stride,
-        image.data_ptr(), (ctypes.c_int64 * 4)(*image.stride()), image.shape[1], batch, *image.shape[2:], in_scale,
+        dims, features.data_ptr(), (ctypes.c_int64 * 5)(*feature_strides), feature_channels, depth, height, width,
+        stride, image.data_ptr(), (ctypes.c_int64 * 5)(*image_strides), image.shape[1], batch,
+        *[1] * (3 - dims), *image.shape[2:], in_scale,
         in_zero_point, refine_weight.data_ptr(), refine_weight_scale.data_ptr(),
         None if refine_bias is None else refine_bias.data_ptr(), mid, mid_scale, mid_zero_point,
         head_weight.data_ptr(), head_weight_scale.data_ptr(), None if head_bias is None else head_bias.data_ptr(),
@@ -239,4 +255,4 @@ def _flops(features_shape, image_shape, stride, in_scale, in_zero_point, refine_
            head_weight_scale_shape, head_bias_shape, out_shape=None) -> int:  # fmt: skip
     positions = image_shape[0] * math.prod(image_shape[2:])
     mid, in_channels = refine_weight_shape[:2]
-    return 2 * positions * mid * (in_channels * 9 + head_weight_shape[0])
+    return 2 * positions * mid * (in_channels * 3 ** (len(image_shape) - 2) + head_weight_shape[0])
