@@ -169,6 +169,12 @@ def test_more_refined_channels_than_the_kernel_holds_are_refused():
         RESTORE(*_problem(mid=17))
 
 
+def test_more_input_channels_than_int32_sums_hold_are_refused():
+    # 27 taps x 255 x 128 per input channel in 3D: 2048 channels at most (4096 in 2D)
+    with pytest.raises(ValueError, match="the 3D refinement takes at most 2048 input channels, got 2049"):
+        RESTORE(*_problem(batch=1, channels=2048, stride=1, low=(2, 2, 3), size=(2, 2, 3)))
+
+
 @pytest.fixture(scope="module")
 def nano():
     """A 2D ``s4_light_nano`` SAUNet (random weights, batch norms with non-trivial statistics) and batches."""
