@@ -4,6 +4,7 @@ the PyTorch int8 function and the fp32 attention, exact agreement of the C paths
 import platform
 import shutil
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -149,6 +150,27 @@ def test_thread_count_does_not_change_the_result(monkeypatch):
         assert torch.equal(run("auto", monkeypatch, problem), single)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_calls_from_several_threads_at_once_keep_their_buffers_apart():
+    """The kernel keeps its byte buffers between calls (one block, handed over atomically): calls running at the same
+    time, of different sizes, each get buffers of their own and the outputs of calls made one at a time."""
+    problems = [attention_problem(*CASES[index]) for index in (0, 1, 2, 3)]
+    expected = [torch.ops.monai_qsa.local_attention_int8(*problem) for problem in problems]
+    outputs: dict[int, list[torch.Tensor]] = {index: [] for index in range(len(problems))}
+
+    def call(index: int) -> None:
+        for _ in range(20):
+            outputs[index].append(torch.ops.monai_qsa.local_attention_int8(*problems[index]))
+
+    workers = [threading.Thread(target=call, args=(index,)) for index in range(len(problems))]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    for index, results in outputs.items():
+        assert len(results) == 20
+        assert all(torch.equal(result, expected[index]) for result in results), index
 
 
 class Attention(torch.nn.Module):

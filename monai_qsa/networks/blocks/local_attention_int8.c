@@ -49,6 +49,7 @@
  * resolution restore and head (restore_head_int8.py).
  */
 #include <float.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -696,6 +697,38 @@ static double quantize_table(const float *table, int dims, int kernel_size, int6
     return scale;
 }
 
+/* The byte buffers of the last call (q8, k8 and v4 in one block), kept for the next: freed after every call, they
+ * were in some processes given back to the system by glibc's heap trimming and faulted in again by every call
+ * (measured: 1 in about 8 fresh processes ran sa_seg3d's first level, 48^3, at 1.6x the time, 26 % of it in page
+ * faults; forcing that allocator behaviour, 1.6-2.3x). One block at most, of up to KEPT_BYTES; a call that finds
+ * none (another call holds it) allocates its own, and the block returned last is the one kept. */
+#define KEPT_BYTES ((size_t)128 << 20)
+#define HEADER 64 /* the block's size, then the data, 64-byte aligned */
+static _Atomic(char *) kept_block;
+
+/* `size` bytes, 64-byte aligned: the kept block if it is large enough, else a new one; NULL if out of memory */
+static char *take_block(size_t size) {
+    char *block = atomic_exchange(&kept_block, NULL);
+    if (block != NULL && *(size_t *)block >= size) return block + HEADER;
+    free(block);
+    size = (size + 63) / 64 * 64;
+    block = (char *)aligned_alloc(64, HEADER + size);
+    if (block == NULL) return NULL;
+    *(size_t *)block = size;
+    return block + HEADER;
+}
+
+/* Give back the data of take_block: kept if at most KEPT_BYTES (the block kept before is freed), else freed. */
+static void give_block(char *data) {
+    if (data == NULL) return;
+    char *block = data - HEADER;
+    if (*(size_t *)block > KEPT_BYTES) {
+        free(block);
+        return;
+    }
+    free(atomic_exchange(&kept_block, block));
+}
+
 /* The int8 attention of an fp32 projection (B, 3, heads, d, *S), of any strides (strides: batch, part, channel within
  * the part, depth, height, width; depth 0 for 2D), and its fp32 relative-position table (dims, kernel_size, d),
  * contiguous, into out (B, heads, d, *S), contiguous: quantises the projection (split_quantize, scales q_scale,
@@ -720,12 +753,15 @@ int monai_qsa_local_attention_int8(const float *qkv, const int64_t *strides, con
     p.padded_W = W + 2 * half;
     p.plane = D * H * W;
     p.padded_plane = (D + 2 * pz) * p.padded_H * p.padded_W;
-    /* + 64 bytes each: the last vector step of a row reads up to LANES - 1 positions of 4 bytes past it */
-    int8_t *q8 = (int8_t *)malloc((size_t)(bh * groups * p.plane * 4 + 64));
-    uint8_t *k8 = (uint8_t *)malloc((size_t)(bh * groups * p.padded_plane * 4 + 64));
-    int8_t *v4 = (int8_t *)malloc((size_t)(bh * d * p.padded_plane * 4 + 64));
+    /* + 64 bytes each: the last vector step of a row reads up to LANES - 1 positions of 4 bytes past it; each
+     * buffer starts on a cache line */
+    const size_t q_bytes = (size_t)(bh * groups * p.plane * 4 + 127) / 64 * 64,
+                 k_bytes = (size_t)(bh * groups * p.padded_plane * 4 + 127) / 64 * 64;
+    char *buffers = take_block(q_bytes + k_bytes + (size_t)(bh * d * p.padded_plane * 4 + 64));
+    int8_t *q8 = (int8_t *)buffers, *v4 = (int8_t *)(buffers + q_bytes + k_bytes);
+    uint8_t *k8 = (uint8_t *)(buffers + q_bytes);
     uint8_t *rel8_table = (uint8_t *)malloc((size_t)(axes * groups * LANES * 4));
-    int status = q8 == NULL || k8 == NULL || v4 == NULL || rel8_table == NULL;
+    int status = buffers == NULL || rel8_table == NULL;
     if (status == 0) {
         const double table_scale = quantize_table(table, dims, kernel_size, d, groups, rel8_table);
         status = table_scale < 0 ? 3 : 0;
@@ -738,7 +774,7 @@ int monai_qsa_local_attention_int8(const float *qkv, const int64_t *strides, con
         p.q8 = q8, p.k8 = k8, p.v4 = v4, p.table = rel8_table;
         status = attend_quantized(&p, path, bh, num_threads);
     }
-    free(q8), free(k8), free(v4), free(rel8_table);
+    give_block(buffers), free(rel8_table);
     return status;
 }
 
