@@ -66,17 +66,25 @@ def _sole_input(node: torch.fx.Node, index: int = 0):
     return source if isinstance(source, torch.fx.Node) and list(source.users) == [node] else None
 
 
-def _quantized_input(conv: torch.fx.Node) -> tuple | None:
-    """``(fp32 input, scale, zero point)`` of a convolution whose input is a uint8 quantise/dequantise pair of a
+def _uint8_quantization(quantized) -> tuple | None:
+    """``(fp32 value, scale, zero point)`` of a per-tensor uint8 quantisation (constant scale and zero point) of a
     value that nothing else uses; None otherwise."""
-    dequantized = _sole_input(conv)
-    quantized = _sole_input(dequantized) if _is(dequantized, _DEQUANTIZE, 6) else None
-    if not _is(quantized, _QUANTIZE, 6) or quantized.args[1:] != dequantized.args[1:] or _sole_input(quantized) is None:
+    if not _is(quantized, _QUANTIZE, 6) or _sole_input(quantized) is None:
         return None
     value, scale, zero_point, low, high, dtype = quantized.args
     if (low, high, dtype) != (0, 255, torch.uint8) or not isinstance(scale, float) or not isinstance(zero_point, int):
         return None
     return value, scale, zero_point
+
+
+def _quantized_input(conv: torch.fx.Node) -> tuple | None:
+    """``(fp32 input, scale, zero point)`` of a convolution whose input is a uint8 quantise/dequantise pair of a
+    value that nothing else uses; None otherwise."""
+    dequantized = _sole_input(conv)
+    quantized = _sole_input(dequantized) if _is(dequantized, _DEQUANTIZE, 6) else None
+    if quantized is None or quantized.args[1:] != dequantized.args[1:]:
+        return None
+    return _uint8_quantization(quantized)
 
 
 def _int8_weight(program: torch.fx.GraphModule, node) -> tuple[torch.fx.Node, torch.fx.Node] | None:
@@ -136,7 +144,7 @@ def _refinement_3d(head: torch.fx.Node) -> tuple | None:
     return *refine_conv, *head_conv[1:]
 
 
-def _conv3d_int8_arguments(conv, padding: int) -> tuple | None:
+def _conv3d_int8_arguments(conv: torch.fx.Node | None, padding: int) -> tuple | None:
     """``(fp32 input, scale, zero point, weight node, weight-scale node, bias)`` of a ``conv3d_int8`` node of stride
     1, the given padding and no dilation, whose uint8 input quantises a value with the node's own scale and zero
     point, nothing else using either; None otherwise."""
@@ -147,13 +155,10 @@ def _conv3d_int8_arguments(conv, padding: int) -> tuple | None:
         return None
     if not all(isinstance(n, torch.fx.Node) and n.op == "get_attr" for n in (weight, weight_scale)):
         return None
-    if _sole_input(conv) is None or not _is(quantized, _QUANTIZE, 6) or _sole_input(quantized) is None:
+    quantization = _uint8_quantization(_sole_input(conv))
+    if quantization is None or quantization[1:] != (scale, zero_point):
         return None
-    if quantized.args[1:] != (scale, zero_point, 0, 255, torch.uint8) or not isinstance(scale, float):
-        return None
-    if not isinstance(zero_point, int):
-        return None
-    return quantized.args[0], scale, zero_point, weight, weight_scale, bias
+    return *quantization, weight, weight_scale, bias
 
 
 def _restore_head(program: torch.fx.GraphModule, head: torch.fx.Node) -> tuple | None:
